@@ -1,0 +1,1 @@
+//! The session protocol between two agents (sans-I/O). Being written.

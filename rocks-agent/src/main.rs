@@ -1,1 +1,49 @@
-fn main() {}
+//! `rocks-agent`: a thin CLI over the library.
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use rocks_agent::{agent, cli, control, secret::Secret};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rocks-agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rocks-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: cli::Command) -> anyhow::Result<()> {
+    match command {
+        cli::Command::Attach(args) => agent::attach(args, agent::shutdown_signal()).await,
+        cli::Command::Serve(args) => agent::serve(args, agent::shutdown_signal()).await,
+        cli::Command::Status(args) => {
+            let report = control::query_status(&args.run_dir).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", control::render_table(&report));
+            }
+            Ok(())
+        }
+        cli::Command::Keygen(args) => {
+            Secret::generate().write_new(&args.out)?;
+            eprintln!("rocks-agent: wrote a new cluster secret to {}", args.out.display());
+            Ok(())
+        }
+    }
+}

@@ -32,6 +32,7 @@ pub mod names {
     pub const ORIG_BY_LOCAL: &str = "ROCKS_ORIG_BY_LOCAL";
     pub const SOCKETS: &str = "ROCKS_SOCKETS";
     pub const STATS: &str = "ROCKS_STATS";
+    pub const NETNS: &str = "ROCKS_NETNS";
 
     pub const PROG_CONNECT4: &str = "rocks_connect4";
     pub const PROG_CONNECT6: &str = "rocks_connect6";

@@ -1,0 +1,224 @@
+//! The agent's composition root: validate everything up front, bind, load, attach, serve until
+//! shutdown, detach. `attach` and `serve` take the shutdown future as a parameter so tests can
+//! run a whole agent in-process.
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinSet};
+use tracing::{info, warn};
+
+use crate::{
+    cgroup, cli,
+    control::{self, StatusReport, StatusSource},
+    kernel, keeper, listen, privileges,
+    redirect::{RedirectOptions, Redirector},
+    registry::Registry,
+    secret::{self, Secret},
+};
+
+/// What every connection task needs.
+pub struct Shared {
+    pub secret: Secret,
+    pub keep_for: Duration,
+    pub registry: Arc<Registry>,
+    pub redirector: Option<Arc<Redirector>>,
+    pub peer_port: u16,
+    pub probe_timeout: Duration,
+    pub negative_ttl: Duration,
+    /// How long the server side waits for a destination to accept.
+    pub dial_timeout: Duration,
+    /// The peer listener's own address: a peer may never ask us to dial it.
+    pub listen: SocketAddr,
+}
+
+struct Status {
+    shared: Arc<Shared>,
+    mode: &'static str,
+    redirect_port: Option<u16>,
+    cgroups: Vec<String>,
+}
+
+impl StatusSource for Status {
+    fn status(&self) -> StatusReport {
+        let redirector = self.shared.redirector.as_ref();
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            mode: self.mode.to_owned(),
+            listen: self.shared.listen.to_string(),
+            redirect_port: self.redirect_port,
+            cgroups: self.cgroups.clone(),
+            fast_path: redirector.map(|r| r.fast_path()),
+            connections: self.shared.registry.connections(),
+            negative_cache: redirector.map(|r| r.negative_entries()).unwrap_or_default(),
+            kernel: redirector.map(|r| r.stats()),
+            counters: self.shared.registry.counters(),
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+    }
+}
+
+fn load_secret(path: &std::path::Path) -> anyhow::Result<Secret> {
+    let secret = Secret::from_file(path)?;
+    if let Some(warning) = secret::check_permissions(path) {
+        warn!("{warning}");
+    }
+    Ok(secret)
+}
+
+fn bind_peer_listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    Ok(listen::tcp(addr, "peer", "; choose another with --listen")?)
+}
+
+/// `rocks-agent attach`.
+pub async fn attach(args: cli::AttachArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Everything that can be wrong with the invocation is checked before anything is bound or
+    // loaded, so a bad call changes nothing on the host.
+    let secret = load_secret(&args.common.secret_file)?;
+    let targets = args
+        .cgroups
+        .iter()
+        .map(|p| cgroup::open(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    privileges::check_attach()?;
+    kernel::probe()?;
+    let own = match cgroup::own_cgroup().and_then(|p| cgroup::open(&p)) {
+        Ok(own) => Some(own),
+        Err(e) => {
+            warn!(error = %e, "cannot find the agent's own cgroup; the fast path may not engage");
+            None
+        }
+    };
+
+    let peer_listener = bind_peer_listener(args.common.listen)?;
+    let redirect_listeners = listen::redirect_listeners(args.redirect_port)?;
+    let control_listener = control::bind(&args.common.run_dir).await?;
+
+    let options = RedirectOptions {
+        redirect_port: args.redirect_port,
+        peer_port: args.peer_port,
+        fast_path: args.fast_path == cli::FastPath::On,
+        ports: args.ports.clone(),
+        exclude_ports: args.exclude_ports.clone(),
+        log_redirects: true,
+    };
+    let mut redirector = Redirector::load(&options)?;
+    redirector.attach(&targets, own.as_ref())?;
+    redirector.enable()?;
+    let redirector = Arc::new(redirector);
+
+    let shared = Arc::new(Shared {
+        secret,
+        keep_for: args.common.keep_for,
+        registry: Arc::new(Registry::default()),
+        redirector: Some(redirector.clone()),
+        peer_port: args.peer_port,
+        probe_timeout: args.probe_timeout,
+        negative_ttl: args.negative_ttl,
+        dial_timeout: Duration::from_secs(10),
+        listen: args.common.listen,
+    });
+    let status = Arc::new(Status {
+        shared: shared.clone(),
+        mode: "attach",
+        redirect_port: Some(args.redirect_port),
+        cgroups: args.cgroups.iter().map(|p| p.display().to_string()).collect(),
+    });
+    info!(
+        listen = %args.common.listen,
+        redirect_port = args.redirect_port,
+        fast_path = options.fast_path,
+        cgroups = ?args.cgroups,
+        "rocks agent attached and serving"
+    );
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(control::serve(control_listener, status));
+    tasks.spawn(accept_peers(peer_listener, shared.clone()));
+    for listener in redirect_listeners {
+        tasks.spawn(accept_apps(listener, shared.clone()));
+    }
+    shutdown.await;
+
+    // Stop redirecting first, so no new connection lands on a listener about to close; then
+    // detach by dropping the last reference to the programs.
+    drop(tasks);
+    drop(shared);
+    finish_detach(redirector, &args.common.run_dir).await;
+    Ok(())
+}
+
+async fn finish_detach(redirector: Arc<Redirector>, run_dir: &std::path::Path) {
+    // Connection tasks may still hold the redirector for map lookups, so detaching is explicit
+    // rather than left to the last drop.
+    redirector.detach();
+    let _ = std::fs::remove_file(run_dir.join(control::SOCKET_NAME));
+    info!("detached; exiting");
+}
+
+/// `rocks-agent serve`: the peer side only.
+pub async fn serve(args: cli::CommonArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let secret = load_secret(&args.secret_file)?;
+    let peer_listener = bind_peer_listener(args.listen)?;
+    let control_listener = control::bind(&args.run_dir).await?;
+    let shared = Arc::new(Shared {
+        secret,
+        keep_for: args.keep_for,
+        registry: Arc::new(Registry::default()),
+        redirector: None,
+        peer_port: args.listen.port(),
+        probe_timeout: Duration::from_secs(1),
+        negative_ttl: Duration::ZERO,
+        dial_timeout: Duration::from_secs(10),
+        listen: args.listen,
+    });
+    let status = Arc::new(Status { shared: shared.clone(), mode: "serve", redirect_port: None, cgroups: Vec::new() });
+    info!(listen = %args.listen, "rocks agent serving peers");
+    let mut tasks = JoinSet::new();
+    tasks.spawn(control::serve(control_listener, status));
+    tasks.spawn(accept_peers(peer_listener, shared));
+    shutdown.await;
+    drop(tasks);
+    let _ = std::fs::remove_file(args.run_dir.join(control::SOCKET_NAME));
+    info!("exiting");
+    Ok(())
+}
+
+async fn accept_peers(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, from)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(keeper::server::handle(shared.clone(), stream, from));
+            }
+            Err(e) => accept_error("peer", e).await,
+        }
+    }
+}
+
+async fn accept_apps(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, from)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(keeper::client::handle(shared.clone(), stream, from));
+            }
+            Err(e) => accept_error("redirect", e).await,
+        }
+    }
+}
+
+/// EMFILE and friends must not spin the accept loop.
+async fn accept_error(what: &str, e: std::io::Error) {
+    warn!(listener = what, error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+

@@ -1,24 +1,41 @@
 //! The agent's composition root: validate everything up front, bind, load, attach, serve until
 //! shutdown, detach. `attach` and `serve` take the shutdown future as a parameter so tests can
 //! run a whole agent in-process.
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{
+    net::TcpListener,
+    sync::{broadcast, mpsc},
+    task::JoinSet,
+};
 use tracing::{info, warn};
 
 use crate::{
     cgroup, cli,
     control::{self, StatusReport, StatusSource},
-    kernel, keeper, listen, privileges,
+    kernel,
+    keeper::{self, driver::ResumeOffer},
+    listen, privileges,
     redirect::{RedirectOptions, Redirector},
     registry::Registry,
     secret::{self, Secret},
+    session::{self, SessionId},
 };
 
 /// What every connection task needs.
 pub struct Shared {
     pub secret: Secret,
-    pub keep_for: Duration,
+    pub session_config: session::Config,
+    /// Server sessions by id, so a resume arriving on a new transport finds its session.
+    pub sessions: Mutex<HashMap<SessionId, mpsc::Sender<ResumeOffer>>>,
+    /// Fires on network address and route changes (client sessions resume at once).
+    pub path_changes: Option<broadcast::Sender<()>>,
     pub registry: Arc<Registry>,
     pub redirector: Option<Arc<Redirector>>,
     pub peer_port: u16,
@@ -74,6 +91,10 @@ fn load_secret(path: &std::path::Path) -> anyhow::Result<Secret> {
     Ok(secret)
 }
 
+fn session_config(common: &cli::CommonArgs) -> session::Config {
+    session::Config { keep_for: common.keep_for, ..session::Config::default() }
+}
+
 fn bind_peer_listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(listen::tcp(addr, "peer", "; choose another with --listen")?)
 }
@@ -117,7 +138,9 @@ pub async fn attach(args: cli::AttachArgs, shutdown: impl Future<Output = ()>) -
 
     let shared = Arc::new(Shared {
         secret,
-        keep_for: args.common.keep_for,
+        session_config: session_config(&args.common),
+        sessions: Mutex::new(HashMap::new()),
+        path_changes: None,
         registry: Arc::new(Registry::default()),
         redirector: Some(redirector.clone()),
         peer_port: args.peer_port,
@@ -171,7 +194,9 @@ pub async fn serve(args: cli::CommonArgs, shutdown: impl Future<Output = ()>) ->
     let control_listener = control::bind(&args.run_dir).await?;
     let shared = Arc::new(Shared {
         secret,
-        keep_for: args.keep_for,
+        session_config: session_config(&args),
+        sessions: Mutex::new(HashMap::new()),
+        path_changes: None,
         registry: Arc::new(Registry::default()),
         redirector: None,
         peer_port: args.listen.port(),

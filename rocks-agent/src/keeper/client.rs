@@ -1,14 +1,19 @@
 //! The application side: a redirected connection arrives on the loopback listener; find where
-//! it was going, and carry it there.
+//! it was going, and carry it there through the peer agent, or plainly when there is none.
 use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering::Relaxed};
 
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
+use super::{
+    driver::{self, Ending, Side},
+    establish::{EstablishError, establish},
+};
 use crate::{
     agent::Shared,
-    net,
-    registry::{Mode, Role},
+    net::{self, ConnectError},
+    registry::{EntryGuard, Mode, Role},
+    session::{Event, OpenError, Session},
 };
 
 pub async fn handle(shared: Arc<Shared>, app: TcpStream, app_addr: SocketAddr) {
@@ -20,13 +25,77 @@ pub async fn handle(shared: Arc<Shared>, app: TcpStream, app_addr: SocketAddr) {
         return;
     };
     let entry = shared.registry.register(Role::Client, app_addr, dst);
+    let peer = SocketAddr::new(dst.ip(), shared.peer_port);
+
+    let mut transport = match net::connect_marked(peer, shared.probe_timeout).await {
+        Ok(t) => t,
+        Err(e) => {
+            let why = match e {
+                ConnectError::Refused => "no agent listens on the peer port".to_owned(),
+                ConnectError::TimedOut(t) => format!("the peer port did not answer within {t:?}"),
+                ConnectError::Other(e) => format!("cannot reach the peer port: {e}"),
+            };
+            return fall_back(&shared, app, dst, &entry, &why, true).await;
+        }
+    };
+    let mut session = Session::connect(std::time::Instant::now(), shared.session_config.clone(), &shared.secret, dst);
+    match establish(&mut session, &mut transport).await {
+        Ok(id) => {
+            shared.registry.counters.kept.fetch_add(1, Relaxed);
+            entry.set_mode(Mode::Kept);
+            entry.set_session_id(id.to_string());
+            entry.set_state("active");
+            info!(id = entry.id, session = %id, app = %app_addr, %dst, "kept connection opened");
+            let side = Side::Client {
+                peer,
+                connect_timeout: shared.session_config.handshake_timeout,
+                path_changes: shared.path_changes.as_ref().map(|tx| tx.subscribe()),
+            };
+            let ending = driver::run(session, transport, app, side, &entry).await;
+            log_ending(&entry, &ending);
+        }
+        Err(EstablishError::Open(OpenError::NotAllowed)) => {
+            // The host has an agent, but that address is not its own (a VIP, a NAT): go direct
+            // this time without marking the host.
+            fall_back(&shared, app, dst, &entry, "the peer agent does not own the destination address", false).await;
+        }
+        Err(EstablishError::Open(e)) => {
+            info!(id = entry.id, %dst, error = %e, "destination refused through the peer agent; resetting the application connection");
+            net::abort(app);
+        }
+        Err(e) => {
+            shared.registry.counters.handshake_failures.fetch_add(1, Relaxed);
+            // Wrong secret, not a rocks peer, version mismatch, silence: all mean this host
+            // cannot keep connections for us now; the negative cache expires on its own.
+            fall_back(&shared, app, dst, &entry, &format!("session handshake failed: {e}"), true).await;
+        }
+    }
+}
+
+fn log_ending(entry: &EntryGuard, ending: &Ending) {
+    match ending {
+        Ending::Event(Event::Closed) => info!(id = entry.id, "kept connection closed"),
+        Ending::Event(Event::PeerReset { code }) => info!(id = entry.id, code, "kept connection reset by the peer"),
+        Ending::Event(Event::Expired) => warn!(id = entry.id, "peer unreachable for longer than --keep-for; connection closed"),
+        other => warn!(id = entry.id, ending = ?other, "kept connection ended"),
+    }
+}
+
+/// Carries the connection as plain TCP. With `remember`, the destination host goes into the
+/// negative cache, so later connects to it are not redirected at all.
+async fn fall_back(shared: &Shared, app: TcpStream, dst: SocketAddr, entry: &EntryGuard, why: &str, remember: bool) {
     entry.set_mode(Mode::Plain);
+    shared.registry.counters.plain_fallbacks.fetch_add(1, Relaxed);
+    if remember {
+        if let Some(r) = &shared.redirector {
+            r.add_negative(dst.ip(), shared.negative_ttl);
+        }
+    }
+    info!(id = entry.id, %dst, why, remembered = remember, "no usable peer agent: carrying this connection as plain TCP");
     match net::connect_marked(dst, shared.dial_timeout).await {
         Ok(direct) => {
             entry.set_state("relaying");
-            shared.registry.counters.plain_fallbacks.fetch_add(1, Relaxed);
-            info!(id = entry.id, %dst, "plain relay");
-            let _ = super::plain::relay(app, direct, &entry).await;
+            let _ = super::plain::relay(app, direct, entry).await;
         }
         Err(e) => {
             warn!(id = entry.id, %dst, error = %e, "destination unreachable; resetting the application connection");

@@ -1,9 +1,133 @@
-//! The peer side: a peer agent opens (or resumes) a session and asks us to connect to a
-//! destination on this host.
-use std::{net::SocketAddr, sync::Arc};
+//! The peer side: a peer agent opens a session and asks us to connect to a destination on this
+//! host, or resumes a session we carry.
+use std::{io, net::SocketAddr, sync::Arc, sync::atomic::Ordering::Relaxed};
 
-use tokio::net::TcpStream;
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::mpsc, time::Instant};
+use tracing::{debug, info, warn};
 
-use crate::agent::Shared;
+use super::driver::{self, Ending, ResumeOffer, Side};
+use crate::{
+    agent::Shared,
+    net::{self, ConnectError},
+    registry::Role,
+    session::{Accept, Accepted, Event, OpenError, Session},
+};
 
-pub async fn handle(_shared: Arc<Shared>, _transport: TcpStream, _from: SocketAddr) {}
+/// Resumes waiting for their session's driver to pick them up.
+const RESUME_QUEUE: usize = 4;
+
+pub async fn handle(shared: Arc<Shared>, mut stream: TcpStream, from: SocketAddr) {
+    let accepted = match accept(&shared, &mut stream).await {
+        Ok(a) => a,
+        Err(e) => {
+            shared.registry.counters.handshake_failures.fetch_add(1, Relaxed);
+            warn!(peer = %from, error = %e, "refused a session handshake");
+            return;
+        }
+    };
+    match accepted {
+        Accepted::New { session, dst } => open(shared, stream, from, session, dst).await,
+        Accepted::Resume { session_id, attempt } => {
+            let target = shared.sessions.lock().expect("sessions lock").get(&session_id).cloned();
+            match target {
+                Some(tx) => {
+                    debug!(peer = %from, session = %session_id, "resume offered");
+                    if tx.send(ResumeOffer { stream, attempt }).await.is_err() {
+                        debug!(session = %session_id, "session ended while a resume was offered");
+                    }
+                }
+                None => {
+                    info!(peer = %from, session = %session_id, "resume for an unknown session refused");
+                    let _ = stream.write_all(&attempt.refuse()).await;
+                    let _ = stream.shutdown().await;
+                }
+            }
+        }
+    }
+}
+
+/// Drives the responder handshake until the transport says what it is.
+async fn accept(shared: &Shared, stream: &mut TcpStream) -> Result<Accepted, String> {
+    let mut accept = Accept::new(std::time::Instant::now(), shared.session_config.clone(), &shared.secret);
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        while let Some(bytes) = accept.poll_transmit() {
+            stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        }
+        if let Some(outcome) = accept.poll_outcome() {
+            return outcome.map_err(|e| e.to_string());
+        }
+        let timer = accept.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            ready = stream.readable() => {
+                ready.map_err(|e| e.to_string())?;
+                match stream.try_read(&mut buf) {
+                    Ok(0) => accept.transport_lost(),
+                    Ok(n) => accept.handle_input(std::time::Instant::now(), &buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => accept.transport_lost(),
+                }
+            }
+            _ = async { match timer { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                accept.handle_timeout(std::time::Instant::now());
+            }
+        }
+    }
+}
+
+/// Only addresses of this host, and never our own peer port: no open relay, and nothing
+/// reachable only on our loopback becomes reachable from outside.
+fn allowed(shared: &Shared, dst: SocketAddr) -> bool {
+    if dst.port() == shared.listen.port() {
+        return false;
+    }
+    net::is_local_address(dst.ip()).unwrap_or(false)
+}
+
+async fn open(shared: Arc<Shared>, mut stream: TcpStream, from: SocketAddr, mut session: Session, dst: SocketAddr) {
+    let dialed = if allowed(&shared, dst) {
+        net::connect_marked(dst, shared.dial_timeout).await.map_err(|e| match e {
+            ConnectError::Refused => OpenError::Refused,
+            ConnectError::TimedOut(_) => OpenError::TimedOut,
+            ConnectError::Other(_) => OpenError::Unreachable,
+        })
+    } else {
+        shared.registry.counters.refused_targets.fetch_add(1, Relaxed);
+        warn!(peer = %from, %dst, "peer asked for a destination that is not an address of this host; refused");
+        Err(OpenError::NotAllowed)
+    };
+    let local = match dialed {
+        Ok(local) => local,
+        Err(e) => {
+            session.open_result(Err(e));
+            flush_and_close(&mut session, &mut stream).await;
+            return;
+        }
+    };
+    session.open_result(Ok(()));
+    let Some(id) = session.id() else { return };
+    shared.registry.counters.peer_sessions.fetch_add(1, Relaxed);
+    let entry = shared.registry.register(Role::Server, from, dst);
+    entry.set_mode(crate::registry::Mode::Kept);
+    entry.set_session_id(id.to_string());
+    entry.set_state("active");
+    info!(id = entry.id, session = %id, peer = %from, %dst, "serving a kept connection");
+    let (tx, rx) = mpsc::channel(RESUME_QUEUE);
+    shared.sessions.lock().expect("sessions lock").insert(id, tx);
+    let ending = driver::run(session, stream, local, Side::Server { resumes: rx }, &entry).await;
+    shared.sessions.lock().expect("sessions lock").remove(&id);
+    match ending {
+        Ending::Event(Event::Closed) => info!(id = entry.id, session = %id, "kept connection closed"),
+        other => info!(id = entry.id, session = %id, ending = ?other, "kept connection ended"),
+    }
+}
+
+async fn flush_and_close(session: &mut Session, stream: &mut TcpStream) {
+    let now = std::time::Instant::now();
+    while let Some(t) = session.poll_transmit(now) {
+        if stream.write_all(&t.data).await.is_err() {
+            return;
+        }
+    }
+    let _ = stream.shutdown().await;
+}

@@ -22,7 +22,8 @@ use crate::secret::Secret;
 #[derive(Debug)]
 pub enum Accepted {
     /// A new session. The driver connects to `dst` (after checking it belongs to this host)
-    /// and reports with `Session::open_result`. msg2 is already queued in the session.
+    /// and reports with `Session::open_result`. The client has already proven (with its first
+    /// frame) that it completed the handshake.
     New { session: Session, dst: SocketAddr },
     /// A resume of `session_id`: hand `attempt` to that session's `accept_resume`, or send
     /// `attempt.refuse()` when no such session exists.
@@ -89,14 +90,25 @@ fn plaintext_reject(reason: RejectReason) -> BytesMut {
 /// A fresh inbound transport on the server, before it is known what it is for.
 pub struct Accept {
     config: Config,
-    hs: Option<HandshakeState>,
+    step: Step,
     reader: wire::RecordReader,
-    got_preamble: bool,
     deadline: Instant,
     now: Instant,
     out: BytesMut,
+    /// The destination of an `Open`, until the session is created.
+    dst: Option<SocketAddr>,
     outcome: Option<Result<Accepted, HandshakeError>>,
     done: bool,
+}
+
+enum Step {
+    Preamble(Box<HandshakeState>),
+    Msg1(Box<HandshakeState>),
+    /// msg2 of an `Open` was sent. The session is created only when the client's first
+    /// frame decrypts: a replayed msg1 thus never makes us connect to the destination, and
+    /// no session exists that the client does not know about.
+    FirstFrame { ts: Box<snow::TransportState>, id: SessionId, resume_secret: Key },
+    Done,
 }
 
 impl std::fmt::Debug for Accept {
@@ -111,11 +123,11 @@ impl Accept {
         Accept {
             deadline: now + config.handshake_timeout,
             config,
-            hs: Some(handshake::responder(secret)),
+            step: Step::Preamble(Box::new(handshake::responder(secret))),
             reader: wire::RecordReader::default(),
-            got_preamble: false,
             now,
             out: BytesMut::new(),
+            dst: None,
             outcome: None,
             done: false,
         }
@@ -152,13 +164,14 @@ impl Accept {
         (!self.done).then_some(self.deadline)
     }
 
-    /// Bytes to write to the transport: only ever a rejection, written before closing it.
+    /// Bytes to write to the transport: the server preamble and msg2 of a new session, or a
+    /// rejection (then close the transport).
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
         (!self.out.is_empty()).then(|| self.out.split().freeze())
     }
 
-    /// What the transport is for, once known. After an `Err`, write out `poll_transmit` and
-    /// close the transport; after `Ok`, the `Accept` has no further use.
+    /// What the transport is for, once known. Write out `poll_transmit` first in every case;
+    /// after an `Err` close the transport; after `Ok` the `Accept` has no further use.
     pub fn poll_outcome(&mut self) -> Option<Result<Accepted, HandshakeError>> {
         self.outcome.take()
     }
@@ -169,49 +182,88 @@ impl Accept {
     }
 
     fn process(&mut self) -> Result<(), HandshakeError> {
-        if !self.got_preamble {
-            if wire::preamble_impossible(self.reader.peek()) {
-                return Err(HandshakeError::NotARocksPeer);
-            }
-            let Some(p) = self.reader.take_raw(wire::PREAMBLE_LEN) else { return Ok(()) };
-            match wire::check_preamble(&p) {
-                PreambleCheck::Ok => self.got_preamble = true,
-                PreambleCheck::NotRocks => return Err(HandshakeError::NotARocksPeer),
-                PreambleCheck::Version(theirs) => {
-                    // Our preamble tells the client which version we speak.
-                    self.out = plaintext_reject(RejectReason::VersionMismatch);
-                    return Err(HandshakeError::VersionMismatch { ours: wire::VERSION, theirs });
+        loop {
+            match std::mem::replace(&mut self.step, Step::Done) {
+                Step::Preamble(hs) => {
+                    if wire::preamble_impossible(self.reader.peek()) {
+                        return Err(HandshakeError::NotARocksPeer);
+                    }
+                    let Some(p) = self.reader.take_raw(wire::PREAMBLE_LEN) else {
+                        self.step = Step::Preamble(hs);
+                        return Ok(());
+                    };
+                    match wire::check_preamble(&p) {
+                        PreambleCheck::Ok => self.step = Step::Msg1(hs),
+                        PreambleCheck::NotRocks => return Err(HandshakeError::NotARocksPeer),
+                        PreambleCheck::Version(theirs) => {
+                            // Our preamble tells the client which version we speak.
+                            self.out = plaintext_reject(RejectReason::VersionMismatch);
+                            return Err(HandshakeError::VersionMismatch { ours: wire::VERSION, theirs });
+                        }
+                    }
                 }
+                Step::Msg1(hs) => {
+                    let Some(record) = self.reader.next_record() else {
+                        self.step = Step::Msg1(hs);
+                        return Ok(());
+                    };
+                    if let Some(accepted) = self.msg1(*hs, &record)? {
+                        self.finish(Ok(accepted));
+                        return Ok(());
+                    }
+                }
+                Step::FirstFrame { mut ts, id, resume_secret } => {
+                    let Some(record) = self.reader.next_record() else {
+                        self.step = Step::FirstFrame { ts, id, resume_secret };
+                        return Ok(());
+                    };
+                    // Only the holder of the initiator's ephemeral key can produce this.
+                    let first = handshake::open(&mut ts, &record).map_err(|_| HandshakeError::AuthFailed)?;
+                    let dst = self.dst.take().ok_or(HandshakeError::TransportClosed)?;
+                    let session =
+                        Session::accept_new(self.now, self.config.clone(), id, resume_secret, *ts, first, self.reader.take_rest());
+                    self.finish(Ok(Accepted::New { session, dst }));
+                    return Ok(());
+                }
+                Step::Done => return Ok(()),
             }
         }
-        let Some(record) = self.reader.next_record() else { return Ok(()) };
+    }
+
+    /// Handles msg1. Returns the outcome for a resume; for an open, queues msg2 and moves on
+    /// to waiting for the client's first frame.
+    fn msg1(&mut self, mut hs: HandshakeState, record: &[u8]) -> Result<Option<Accepted>, HandshakeError> {
         let Some((&wire::REC_NOISE, msg1)) = record.split_first() else {
             self.out = plaintext_reject(RejectReason::Malformed);
             return Err(HandshakeError::NotARocksPeer);
         };
-        let mut hs = self.hs.take().ok_or(HandshakeError::TransportClosed)?;
-        let payload = match handshake::read(&mut hs, msg1) {
-            Ok(p) => p,
-            Err(_) => {
-                // With psk0 a wrong cluster secret fails right here. Say so in plaintext:
-                // it only ends this attempt, which the client would conclude from EOF too.
-                self.out = plaintext_reject(RejectReason::AuthFailed);
-                return Err(HandshakeError::AuthFailed);
-            }
+        let Ok(payload) = handshake::read(&mut hs, msg1) else {
+            // With psk0 a wrong cluster secret fails right here. Say so in plaintext: it only
+            // ends this attempt, which the client would conclude from an EOF too.
+            self.out = plaintext_reject(RejectReason::AuthFailed);
+            return Err(HandshakeError::AuthFailed);
         };
-        let hello = match Hello::decode(&payload) {
-            Ok(h) => h,
-            Err(e) => {
-                self.out = plaintext_reject(RejectReason::Malformed);
-                return Err(HandshakeError::Malformed(e));
-            }
-        };
-        let accepted = match hello {
+        let hello = Hello::decode(&payload).map_err(|e| {
+            self.out = plaintext_reject(RejectReason::Malformed);
+            HandshakeError::Malformed(e)
+        })?;
+        match hello {
             Hello::Open { dst } => {
-                let session = Session::accept_new(self.now, self.config.clone(), hs, self.reader.take_rest())?;
-                Accepted::New { session, dst }
+                let id = SessionId(handshake::random());
+                let seed: Key = handshake::random();
+                // Writing a tiny msg2 and splitting cannot fail with a working snow build;
+                // treat a failure like any failed handshake rather than panic.
+                let msg2 = handshake::write(&mut hs, &Answer::Opened { session_id: id, resume_seed: seed }.encode())
+                    .map_err(|_| HandshakeError::AuthFailed)?;
+                let resume_secret = handshake::resume_secret(&handshake::handshake_hash(&hs), &seed);
+                let ts = hs.into_transport_mode().map_err(|_| HandshakeError::AuthFailed)?;
+                self.out.put_slice(&wire::preamble());
+                put_noise_record(&mut self.out, &msg2);
+                self.dst = Some(dst);
+                self.step = Step::FirstFrame { ts: Box::new(ts), id, resume_secret };
+                Ok(None)
             }
-            Hello::Resume { session_id, received } => Accepted::Resume {
+            Hello::Resume { session_id, received } => Ok(Some(Accepted::Resume {
                 session_id,
                 attempt: ResumeAttempt {
                     hash_after_msg1: handshake::handshake_hash(&hs),
@@ -220,9 +272,7 @@ impl Accept {
                     peer_received: received,
                     rest: self.reader.take_rest(),
                 },
-            },
-        };
-        self.finish(Ok(accepted));
-        Ok(())
+            })),
+        }
     }
 }

@@ -165,6 +165,4 @@ pub enum SessionError {
     Handshake(#[from] HandshakeError),
     #[error("peer reported a resume position we cannot serve: {0}")]
     ResumeMismatch(String),
-    #[error("the transport was lost before the client confirmed the session")]
-    Unconfirmed,
 }

@@ -86,6 +86,14 @@ pub(crate) fn initiator_proof(resume_secret: &Key, final_hash: &Key) -> Key {
     mac(resume_secret, &[LABEL_PROOF_INITIATOR, final_hash])
 }
 
+/// Random bytes from the thread-local CSPRNG (session ids, resume seeds).
+pub(crate) fn random<const N: usize>() -> [u8; N] {
+    use rand::RngCore as _;
+    let mut b = [0u8; N];
+    rand::rng().fill_bytes(&mut b);
+    b
+}
+
 /// Constant-time comparison, so a forger learns nothing from timing.
 pub(crate) fn ct_eq(a: &Key, b: &Key) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

@@ -9,7 +9,6 @@ use std::{
 };
 
 use bytes::{BufMut as _, Bytes, BytesMut};
-use rand::RngCore as _;
 use snow::{HandshakeState, TransportState};
 use tracing::{debug, info};
 
@@ -56,8 +55,6 @@ pub struct Session {
     ack_deadline: Option<Instant>,
     /// Latest time seen in any call (for calls that take no `now`).
     now: Instant,
-    /// Server: the client has proven on some transport that it got msg2.
-    confirmed: bool,
     /// Server: the open result, repeated on every new transport (the client ignores repeats).
     open_result: Option<u32>,
     /// Client: `Opened`/`OpenFailed` was reported.
@@ -125,18 +122,6 @@ impl std::fmt::Debug for Session {
     }
 }
 
-fn random16() -> [u8; 16] {
-    let mut b = [0u8; 16];
-    rand::rng().fill_bytes(&mut b);
-    b
-}
-
-fn random32() -> [u8; 32] {
-    let mut b = [0u8; 32];
-    rand::rng().fill_bytes(&mut b);
-    b
-}
-
 impl Link {
     fn new(id: TransportId, now: Instant, phase: Phase, deadline: Option<Instant>) -> Link {
         Link {
@@ -191,7 +176,6 @@ impl Session {
             ack_due: false,
             ack_deadline: None,
             now,
-            confirmed: false,
             open_result: None,
             opened: false,
             pending_reset: None,
@@ -229,34 +213,31 @@ impl Session {
         s
     }
 
-    /// Server: the session for an `Open` msg1 (called by `Accept`).
+    /// Server: the session for an `Open`, created by `Accept` once the client's first frame
+    /// (`first`, already decrypted with `ts`) proved it holds the keys of this handshake.
     pub(crate) fn accept_new(
         now: Instant,
         config: Config,
-        mut hs: HandshakeState,
+        id: SessionId,
+        resume_secret: Key,
+        ts: TransportState,
+        first: Vec<u8>,
         rest: BytesMut,
-    ) -> Result<Session, HandshakeError> {
-        let id = SessionId(random16());
-        let seed = random32();
-        // Writing a tiny msg2 and splitting cannot fail with a working snow build; treat a
-        // failure like any other failed handshake.
-        let msg2 = handshake::write(&mut hs, &Answer::Opened { session_id: id, resume_seed: seed }.encode())
-            .map_err(|_| HandshakeError::AuthFailed)?;
-        let final_hash = handshake::handshake_hash(&hs);
-        let ts = hs.into_transport_mode().map_err(|_| HandshakeError::AuthFailed)?;
+    ) -> Session {
         let mut s = Session::new(now, config, Role::Server);
         s.id = Some(id);
-        s.resume_secret = Some(handshake::resume_secret(&final_hash, &seed));
+        s.resume_secret = Some(resume_secret);
         s.state = State::Established;
         let tid = s.alloc_transport();
         let mut link = Link::new(tid, now, Phase::Established { ts: Box::new(ts) }, None);
-        link.out.put_slice(&wire::preamble());
-        put_noise_record(&mut link.out, &msg2);
-        link.reader.push(&rest);
         s.events.push_back(Event::Established { id });
-        let result = s.drive_link(now, &mut link, &mut Slot::Active);
+        let mut result = s.on_frame(&mut link, first);
+        if result.is_ok() {
+            link.reader.push(&rest);
+            result = s.drive_link(now, &mut link, &mut Slot::Active);
+        }
         s.place(now, link, Slot::Active, result);
-        Ok(s)
+        s
     }
 
     /// The transport the session was created on.
@@ -564,12 +545,6 @@ impl Session {
         if self.is_ended() {
             return;
         }
-        if !self.is_client() && !self.confirmed {
-            // The client may never have received msg2, so it may not know this session
-            // exists; waiting `keep_for` for it would hold the destination connection open.
-            self.fail(SessionError::Unconfirmed);
-            return;
-        }
         if self.suspended_at.is_none() {
             self.suspended_at = Some(now);
             self.events.push_back(Event::Suspended);
@@ -744,7 +719,7 @@ impl Session {
                 let id = self.id.unwrap_or(SessionId([0; 16]));
                 info!(session = %id, "session established");
                 self.events.push_back(Event::Established { id });
-                // Tells the server at once that we have the session (see `confirmed`).
+                // The server creates the session only on our first frame (see `Accept`).
                 link.queue(&Frame::Ack { offset: self.recv.ack_pos() })?;
                 self.ack_sent = self.recv.ack_pos();
             }
@@ -784,7 +759,6 @@ impl Session {
         }
         *slot = Slot::Active;
         self.state = State::Established;
-        self.confirmed = true;
         if let Some(code) = self.open_result {
             link.queue(&Frame::OpenResult { code })?;
         }
@@ -816,8 +790,12 @@ impl Session {
         let Phase::Established { ts } = &mut link.phase else { return Ok(()) };
         let plain = handshake::open(ts, record).map_err(|_| CloseReason::Broken(ProtocolError::Decrypt))?;
         link.last_recv = now;
+        self.on_frame(link, plain)
+    }
+
+    /// One decrypted frame on an established transport.
+    fn on_frame(&mut self, link: &mut Link, plain: Vec<u8>) -> Result<(), CloseReason> {
         let frame = Frame::decode(Bytes::from(plain)).map_err(|e| CloseReason::Broken(e.into()))?;
-        self.confirmed = true;
         let broken = CloseReason::Broken;
         match frame {
             Frame::Data { offset, data } => {

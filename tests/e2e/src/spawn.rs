@@ -7,7 +7,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::{ChildStdin, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -151,10 +151,20 @@ impl std::fmt::Debug for Child {
 
 impl Child {
     /// Spawns `cmd` with stdin from /dev/null and stdout/stderr captured.
-    pub fn spawn(mut cmd: Command) -> Result<Child> {
+    pub fn spawn(cmd: Command) -> Result<Child> {
+        Child::spawn_with(cmd, Stdio::null())
+    }
+
+    /// Like [`Child::spawn`] with stdin a pipe, for programs a test keeps talking to (an ssh
+    /// session carried across a fault): write through [`Child::stdin`].
+    pub fn spawn_with_stdin(cmd: Command) -> Result<Child> {
+        Child::spawn_with(cmd, Stdio::piped())
+    }
+
+    fn spawn_with(mut cmd: Command, stdin: Stdio) -> Result<Child> {
         let what = describe(&cmd);
         // Own process group: the drop kills helpers the program started too.
-        cmd.stdin(Stdio::null())
+        cmd.stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
@@ -174,6 +184,16 @@ impl Child {
 
     pub fn id(&self) -> u32 {
         self.inner.id()
+    }
+
+    /// The program's stdin, if spawned with [`Child::spawn_with_stdin`] and not yet closed.
+    pub fn stdin(&mut self) -> Option<&mut ChildStdin> {
+        self.inner.stdin.as_mut()
+    }
+
+    /// Closes the program's stdin (it reads EOF).
+    pub fn close_stdin(&mut self) {
+        self.inner.stdin = None;
     }
 
     /// Everything the program wrote to stdout so far.

@@ -149,9 +149,8 @@ pub fn pid_alive_since(pid: i32, time: std::time::SystemTime) -> bool {
             .trim()
             .parse()
             .ok()?;
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()??
-            .max(1) as u64;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
         let since_boot =
             Duration::from_secs(ticks / hz) + Duration::from_secs(ticks % hz) / hz as u32;
         Some(std::time::UNIX_EPOCH + Duration::from_secs(btime) + since_boot)

@@ -291,14 +291,24 @@ fn ssh_and_rsync_between_hosts() -> Result<()> {
         sshd.log()
     );
 
-    // rsync over the same transport (both hosts share the filesystem).
-    let dir = TempDir::new("rsync")?;
-    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    // A session fed through stdin, the way later tests keep one open across a fault.
     let mut data = Vec::new();
     let mut p = Pattern::new(3, Direction::Up);
     while data.len() < 3 << 20 {
         data.extend_from_slice(p.next_chunk(testpeer::BLOCK));
     }
+    let mut session = Child::spawn_with_stdin(sshd.ssh_command(a, b.ip6().into(), "sha256sum"))?;
+    session.stdin().unwrap().write_all(&data)?;
+    session.close_stdin();
+    let got = String::from_utf8(session.wait_success(SECS(15))?.stdout)?;
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(testpeer::hex(&Sha256::digest(&data)).as_str())
+    );
+
+    // rsync over the same transport (both hosts share the filesystem).
+    let dir = TempDir::new("rsync")?;
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
     std::fs::write(&src, &data)?;
     let mut cmd = a.exec("rsync");
     cmd.args(["-a", "-e", &sshd.rsh()]).arg(&src).arg(format!(

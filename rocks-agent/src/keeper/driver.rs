@@ -1,0 +1,374 @@
+//! The thin tokio driver around one [`Session`]: it moves bytes between the session core, the
+//! session's TCP transports and the application (client) or destination (server) socket, and
+//! fires the core's timers. All protocol decisions are the core's; see `session` for the call
+//! order this follows.
+//!
+//! Transports come and go during a session (resumes), so each one gets a reader task and a
+//! writer task talking to the driver through channels; the local socket is fixed for the whole
+//! session and is polled directly, which lets the driver read it only while the replay buffer
+//! has room (that is the back-pressure on the application).
+use std::{
+    collections::{HashMap, VecDeque},
+    io,
+    net::SocketAddr,
+    sync::atomic::Ordering::Relaxed,
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::{broadcast, mpsc},
+    task::JoinHandle,
+    time::Instant,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    net,
+    registry::EntryGuard,
+    session::{CloseReason, Event, ResumeAttempt, Session, State, TransportId},
+};
+
+/// Bytes read from a transport or the local socket in one go.
+const READ_CHUNK: usize = 64 << 10;
+/// Received bytes taken from the core but not yet written to the local socket. Above this the
+/// driver stops taking (`recv`), so the core stops acknowledging and the peer stops sending.
+const LOCAL_OUT_LIMIT: usize = 256 << 10;
+/// How long a transport the core is done with may take to flush its last bytes.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
+
+/// A resume offered to a server session: a new TCP connection whose msg1 named it.
+pub struct ResumeOffer {
+    pub stream: TcpStream,
+    pub attempt: ResumeAttempt,
+}
+
+/// Which end this driver runs.
+pub enum Side {
+    /// Dials the peer agent again when the core asks (`Event::Reconnect`).
+    Client { peer: SocketAddr, connect_timeout: Duration, path_changes: Option<broadcast::Receiver<()>> },
+    /// Receives resumes found by the peer listener.
+    Server { resumes: mpsc::Receiver<ResumeOffer> },
+}
+
+/// How a session ended, for the caller's logs and counters.
+#[derive(Debug)]
+pub enum Ending {
+    /// Ended by a terminal event of the core.
+    Event(Event),
+    /// The local socket failed in a way the core was told about as a reset.
+    LocalError(io::Error),
+}
+
+enum Inbound {
+    Data(TransportId, Bytes),
+    Lost(TransportId),
+    Connected(TransportId, Result<TcpStream, net::ConnectError>),
+}
+
+struct Transport {
+    writer: Option<mpsc::UnboundedSender<Bytes>>,
+    reader_task: JoinHandle<()>,
+    writer_task: JoinHandle<()>,
+}
+
+impl Transport {
+    fn start(id: TransportId, stream: TcpStream, inbound: mpsc::Sender<Inbound>) -> Transport {
+        let (read, write) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader_task = tokio::spawn(read_transport(id, read, inbound.clone()));
+        let writer_task = tokio::spawn(write_transport(id, write, rx, inbound));
+        Transport { writer: Some(tx), reader_task, writer_task }
+    }
+
+    /// Graceful: the writer flushes what it has (bounded by `CLOSE_LINGER`) and closes.
+    fn close(mut self) {
+        self.reader_task.abort();
+        self.writer.take();
+        let abort = self.writer_task.abort_handle();
+        tokio::spawn(async move {
+            tokio::time::sleep(CLOSE_LINGER).await;
+            abort.abort();
+        });
+    }
+
+    /// Abortive: the transport is dead or untrusted; nothing more is written to it.
+    fn kill(self) {
+        self.reader_task.abort();
+        self.writer_task.abort();
+    }
+}
+
+async fn read_transport(id: TransportId, mut read: OwnedReadHalf, inbound: mpsc::Sender<Inbound>) {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        buf.reserve(READ_CHUNK);
+        match read.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = inbound.send(Inbound::Lost(id)).await;
+                return;
+            }
+            Ok(_) => {
+                if inbound.send(Inbound::Data(id, buf.split().freeze())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn write_transport(
+    id: TransportId,
+    mut write: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    inbound: mpsc::Sender<Inbound>,
+) {
+    while let Some(bytes) = rx.recv().await {
+        if write.write_all(&bytes).await.is_err() {
+            let _ = inbound.send(Inbound::Lost(id)).await;
+            return;
+        }
+    }
+    let _ = write.shutdown().await;
+}
+
+/// Runs one session to its end. `first` is the transport the session was created on.
+/// `local` is the application socket (client) or the destination socket (server).
+pub async fn run(
+    mut session: Session,
+    first: TcpStream,
+    mut local: TcpStream,
+    mut side: Side,
+    entry: &EntryGuard,
+) -> Ending {
+    let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(64);
+    let mut transports: HashMap<TransportId, Transport> = HashMap::new();
+    transports.insert(session.first_transport(), Transport::start(session.first_transport(), first, inbound_tx.clone()));
+
+    let mut local_out: VecDeque<Bytes> = VecDeque::new();
+    let mut local_out_bytes = 0usize;
+    let mut local_read_done = false;
+    let mut peer_finished = false;
+    let mut local_write_done = false;
+    let mut read_buf = vec![0u8; READ_CHUNK];
+    let mut ending: Option<Ending> = None;
+
+    loop {
+        let now = Instant::now().into_std();
+        // Hand out everything the core has for the transports.
+        while let Some(t) = session.poll_transmit(now) {
+            if let Some(tr) = transports.get(&t.transport).and_then(|tr| tr.writer.as_ref()) {
+                let _ = tr.send(t.data);
+            }
+        }
+        // Take received bytes while the local socket can absorb them.
+        while local_out_bytes < LOCAL_OUT_LIMIT {
+            let Some(chunk) = session.recv() else { break };
+            local_out_bytes += chunk.len();
+            local_out.push_back(chunk);
+        }
+        while let Some(event) = session.poll_event() {
+            match event {
+                Event::Established { id } => {
+                    entry.set_session_id(id.to_string());
+                    entry.set_state("active");
+                }
+                Event::Opened => entry.set_state("active"),
+                Event::TransportClosed { transport, reason } => {
+                    if let Some(tr) = transports.remove(&transport) {
+                        debug!(id = entry.id, %transport, ?reason, "transport closed");
+                        match reason {
+                            CloseReason::Dead | CloseReason::Lost | CloseReason::Broken(_) => tr.kill(),
+                            _ => tr.close(),
+                        }
+                    }
+                }
+                Event::Suspended => {
+                    entry.set_state("suspended");
+                    info!(id = entry.id, "session suspended: transport lost");
+                }
+                Event::Reconnect { transport } => {
+                    entry.set_state("resuming");
+                    if let Side::Client { peer, connect_timeout, .. } = &side {
+                        let (peer, timeout, tx) = (*peer, *connect_timeout, inbound_tx.clone());
+                        tokio::spawn(async move {
+                            let result = net::connect_marked(peer, timeout).await;
+                            let _ = tx.send(Inbound::Connected(transport, result)).await;
+                        });
+                    }
+                }
+                Event::Resumed { took } => {
+                    entry.set_state("active");
+                    entry.resumes.fetch_add(1, Relaxed);
+                    entry.set_last_resume_ms(took.as_millis() as u64);
+                    info!(id = entry.id, took_ms = took.as_secs_f64() * 1e3, "session resumed");
+                }
+                Event::PeerFinished => peer_finished = true,
+                terminal => {
+                    debug_assert!(terminal.is_terminal());
+                    ending.get_or_insert(Ending::Event(terminal));
+                }
+            }
+        }
+        let stats = session.stats();
+        entry.bytes_sent.store(stats.bytes_sent, Relaxed);
+        entry.bytes_received.store(stats.bytes_received, Relaxed);
+        entry.buffered.store(stats.buffered as u64, Relaxed);
+
+        if let Some(ending) = ending {
+            // Flush what the core still queued, then let the transports close gracefully.
+            while let Some(t) = session.poll_transmit(now) {
+                if let Some(tr) = transports.get(&t.transport).and_then(|tr| tr.writer.as_ref()) {
+                    let _ = tr.send(t.data);
+                }
+            }
+            for (_, tr) in transports.drain() {
+                tr.close();
+            }
+            match &ending {
+                Ending::Event(Event::Closed) => {
+                    // Deliver what is left, then close normally.
+                    for chunk in local_out.drain(..) {
+                        if local.write_all(&chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = local.shutdown().await;
+                }
+                _ => net::abort(local),
+            }
+            return ending;
+        }
+
+        // Half-close toward the local socket once everything before the peer's fin is out.
+        if peer_finished && local_out.is_empty() && !local_write_done {
+            local_write_done = true;
+            let _ = local.shutdown().await;
+        }
+
+        let can_read_local = !local_read_done && session.send_capacity() > 0 && session_carries_data(&session);
+        let timer = session.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            Some(msg) = inbound.recv() => {
+                let now = Instant::now().into_std();
+                match msg {
+                    Inbound::Data(t, bytes) => session.handle_input(now, t, &bytes),
+                    Inbound::Lost(t) => session.transport_lost(now, t),
+                    Inbound::Connected(t, Ok(stream)) => {
+                        transports.insert(t, Transport::start(t, stream, inbound_tx.clone()));
+                        session.start_resume(now, t);
+                    }
+                    Inbound::Connected(t, Err(e)) => {
+                        debug!(id = entry.id, error = %e, "reconnect failed");
+                        session.transport_lost(now, t);
+                    }
+                }
+            }
+            side_event = next_side_event(&mut side) => match side_event {
+                SideEvent::Resume(offer) => {
+                    let now = Instant::now().into_std();
+                    let _ = offer.stream.set_nodelay(true);
+                    let t = session.accept_resume(now, offer.attempt);
+                    transports.insert(t, Transport::start(t, offer.stream, inbound_tx.clone()));
+                }
+                SideEvent::PathChanged => {
+                    info!(id = entry.id, "network changed: resuming on a fresh transport");
+                    session.path_changed(Instant::now().into_std());
+                }
+            },
+            ready = local.readable(), if can_read_local => {
+                if ready.is_ok() {
+                    let want = session.send_capacity().min(read_buf.len());
+                    match local.try_read(&mut read_buf[..want]) {
+                        Ok(0) => {
+                            local_read_done = true;
+                            session.finish();
+                        }
+                        Ok(n) => {
+                            let taken = session.send(&read_buf[..n]);
+                            debug_assert_eq!(taken, n, "read no more than send_capacity");
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            warn!(id = entry.id, error = %e, "local socket failed; resetting the session");
+                            session.reset(1);
+                            local_read_done = true;
+                        }
+                    }
+                }
+            }
+            ready = local.writable(), if !local_out.is_empty() => {
+                if ready.is_ok() {
+                    if let Err(e) = write_some(&local, &mut local_out, &mut local_out_bytes) {
+                        warn!(id = entry.id, error = %e, "writing to the local socket failed; resetting the session");
+                        session.reset(1);
+                        local_out.clear();
+                        local_out_bytes = 0;
+                        local_read_done = true;
+                    }
+                }
+            }
+            _ = sleep_until(timer), if timer.is_some() => {
+                session.handle_timeout(Instant::now().into_std());
+            }
+        }
+    }
+}
+
+/// The client must not take application bytes before the server has connected to the
+/// destination (until then a fallback to plain TCP must still be possible).
+fn session_carries_data(session: &Session) -> bool {
+    !matches!(session.state(), State::Connecting | State::Closed | State::Failed)
+}
+
+fn write_some(local: &TcpStream, out: &mut VecDeque<Bytes>, out_bytes: &mut usize) -> io::Result<()> {
+    while let Some(front) = out.front_mut() {
+        match local.try_write(front) {
+            Ok(n) => {
+                *out_bytes -= n;
+                if n == front.len() {
+                    out.pop_front();
+                } else {
+                    let _ = front.split_to(n);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+enum SideEvent {
+    Resume(ResumeOffer),
+    PathChanged,
+}
+
+/// The next thing that arrives from outside the session's own sockets; pending forever when
+/// this side has no such source.
+async fn next_side_event(side: &mut Side) -> SideEvent {
+    match side {
+        Side::Server { resumes } => match resumes.recv().await {
+            Some(offer) => SideEvent::Resume(offer),
+            None => std::future::pending().await,
+        },
+        Side::Client { path_changes: Some(rx), .. } => match rx.recv().await {
+            // Lagged: notifications were missed; one resume covers them all.
+            Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => SideEvent::PathChanged,
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        },
+        Side::Client { path_changes: None, .. } => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -21,7 +21,7 @@ use crate::{
     control::{self, StatusReport, StatusSource},
     kernel,
     keeper::{self, driver::ResumeOffer},
-    listen, privileges,
+    listen, netwatch, privileges,
     redirect::{RedirectOptions, Redirector},
     registry::Registry,
     secret::{self, Secret},
@@ -135,12 +135,19 @@ pub async fn attach(args: cli::AttachArgs, shutdown: impl Future<Output = ()>) -
     redirector.attach(&targets, own.as_ref())?;
     redirector.enable()?;
     let redirector = Arc::new(redirector);
+    let path_changes = match netwatch::spawn() {
+        Ok(tx) => Some(tx),
+        Err(e) => {
+            warn!(error = %e, "cannot watch network changes; resumes will wait for the dead-path timer");
+            None
+        }
+    };
 
     let shared = Arc::new(Shared {
         secret,
         session_config: session_config(&args.common),
         sessions: Mutex::new(HashMap::new()),
-        path_changes: None,
+        path_changes,
         registry: Arc::new(Registry::default()),
         redirector: Some(redirector.clone()),
         peer_port: args.peer_port,

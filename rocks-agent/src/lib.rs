@@ -16,6 +16,7 @@ pub mod keeper;
 pub mod kernel;
 pub mod listen;
 pub mod net;
+pub mod netwatch;
 pub mod privileges;
 pub mod redirect;
 pub mod registry;

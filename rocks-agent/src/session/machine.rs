@@ -61,6 +61,11 @@ pub struct Session {
     opened: bool,
     /// A reset waiting for a transport to carry it.
     pending_reset: Option<u32>,
+    /// Client: the server said `Close`.
+    close_received: bool,
+    /// Server: how the session ended, repeated to a client that resumes after the end
+    /// (its last transport may have died before the frame arrived).
+    final_word: Option<Frame>,
     stats: Stats,
 }
 
@@ -179,6 +184,8 @@ impl Session {
             open_result: None,
             opened: false,
             pending_reset: None,
+            close_received: false,
+            final_word: None,
             stats: Stats::default(),
         }
     }
@@ -330,6 +337,7 @@ impl Session {
             && link.is_established()
         {
             if link.queue(&Frame::Reset { code }).is_ok() {
+                self.final_word = Some(Frame::Reset { code });
                 self.end(State::Closed, Event::Closed);
             }
         }
@@ -349,6 +357,7 @@ impl Session {
             let _ = link.queue(&Frame::OpenResult { code });
         }
         if code != 0 {
+            self.final_word = Some(Frame::OpenResult { code });
             self.end(State::Closed, Event::Closed);
         }
     }
@@ -372,7 +381,8 @@ impl Session {
         if let Some(c) = self.closing.iter_mut().find(|c| c.id == transport) {
             c.out.clear();
         }
-        let Some((link, slot)) = self.take_link(transport) else { return };
+        let Some((mut link, slot)) = self.take_link(transport) else { return };
+        link.out.clear();
         let reason = match link.phase {
             Phase::Connecting | Phase::Handshake { .. } | Phase::AwaitConfirm { .. } => {
                 CloseReason::Handshake(HandshakeError::TransportClosed)
@@ -526,6 +536,11 @@ impl Session {
         if self.is_ended() {
             return;
         }
+        if self.is_client() && self.graceful_end_due() {
+            // The transport went away right after the server's `Close`: nothing to resume.
+            self.end(State::Closed, Event::Closed);
+            return;
+        }
         match slot {
             Slot::Active => self.suspend(now),
             Slot::Pending if client_handshake => {
@@ -578,7 +593,13 @@ impl Session {
         }
         if error == HandshakeError::UnknownSession {
             // Authenticated (inside msg2): the peer really has no such session any more.
-            self.fail(SessionError::Handshake(error));
+            if self.send.fin_acked() && self.recv.fin_delivered() {
+                // It closed and forgot the session before its `Close` reached us; both
+                // streams were complete, so nothing is lost.
+                self.end(State::Closed, Event::Closed);
+            } else {
+                self.fail(SessionError::Handshake(error));
+            }
             return;
         }
         self.attempts = self.attempts.saturating_add(1);
@@ -744,13 +765,17 @@ impl Session {
             Ok(_) => return Err(CloseReason::Handshake(HandshakeError::Malformed(WireError::Unexpected("frame before resume-confirm")))),
             Err(e) => return Err(CloseReason::Handshake(HandshakeError::Malformed(e))),
         }
-        if self.is_ended() {
-            // A closed session lingering for a late resume: msg2 already told the client
-            // everything it needs (our receive position, including its fin).
-            return Err(CloseReason::SessionEnded);
-        }
         let Phase::AwaitConfirm { ts, .. } = std::mem::replace(&mut link.phase, Phase::Connecting) else { return Ok(()) };
         link.phase = Phase::Established { ts };
+        if self.is_ended() {
+            // A closed session kept (lingering) for a late resume: the client missed how it
+            // ended. Repeat it, then let the transport go.
+            if let Some(word) = self.final_word.clone() {
+                link.queue(&Frame::Ack { offset: self.recv.ack_pos() })?;
+                link.queue(&word)?;
+            }
+            return Err(CloseReason::SessionEnded);
+        }
         link.deadline = None;
         link.last_recv = now;
         link.last_send = now;
@@ -827,7 +852,8 @@ impl Session {
                     }
                 }
             }
-            other @ (Frame::OpenResult { .. } | Frame::ResumeConfirm { .. }) => {
+            Frame::Close if self.is_client() => self.close_received = true,
+            other @ (Frame::OpenResult { .. } | Frame::ResumeConfirm { .. } | Frame::Close) => {
                 return Err(broken(ProtocolError::Unexpected(other.name())));
             }
         }
@@ -835,9 +861,7 @@ impl Session {
     }
 
     fn on_ack(&mut self, ack: u64) -> Result<(), CloseReason> {
-        self.send.on_ack(ack).map_err(CloseReason::Broken)?;
-        self.check_closed();
-        Ok(())
+        self.send.on_ack(ack).map_err(CloseReason::Broken)
     }
 
     /// Reports the peer's fin once every byte before it was taken by `recv`.
@@ -845,19 +869,19 @@ impl Session {
         if !self.is_ended() && self.recv.take_fin() {
             self.events.push_back(Event::PeerFinished);
             self.ack_due = true;
-            self.check_closed();
         }
     }
 
-    /// Both directions finished, our fin acknowledged, our ack of theirs sent: done.
-    fn check_closed(&mut self) {
-        if !self.is_ended()
-            && self.send.fin_acked()
-            && self.recv.fin_delivered()
-            && self.ack_sent >= self.recv.ack_pos()
-        {
-            info!(session = ?self.id, "session closed");
-            self.end(State::Closed, Event::Closed);
+    /// Both directions finished, our fin acknowledged, our ack of theirs sent. The server
+    /// then closes (and says so); the client waits for that `Close`.
+    fn graceful_end_due(&self) -> bool {
+        if self.is_ended() || !self.recv.fin_delivered() {
+            false
+        } else if self.is_client() {
+            // `Close` means the server has our fin and our ack of its fin.
+            self.close_received
+        } else {
+            self.send.fin_acked() && self.ack_sent >= self.recv.ack_pos()
         }
     }
 
@@ -962,7 +986,12 @@ impl Session {
                 return Some(Transmit { transport: link.id, data: link.out.split().freeze() });
             }
             let Some(mut link) = self.active.take() else { return None };
-            let result = self.fill(&mut link);
+            let mut result = self.fill(&mut link);
+            let closing_now = result.is_ok() && link.is_established() && self.graceful_end_due();
+            if closing_now && !self.is_client() {
+                result = link.queue(&Frame::Close);
+                self.final_word = Some(Frame::Close);
+            }
             let data = (!link.out.is_empty()).then(|| {
                 link.last_send = now;
                 Transmit { transport: link.id, data: link.out.split().freeze() }
@@ -970,8 +999,10 @@ impl Session {
             match result {
                 Ok(()) => {
                     self.active = Some(link);
-                    // Our final ack may just have been written.
-                    self.check_closed();
+                    if closing_now {
+                        info!(session = ?self.id, "session closed");
+                        self.end(State::Closed, Event::Closed);
+                    }
                     if data.is_some() || self.closing.is_empty() {
                         return data;
                     }

@@ -227,6 +227,10 @@ pub(crate) enum Frame {
     OpenResult { code: u32 },
     /// First frame of the initiator on a resumed transport.
     ResumeConfirm { proof: [u8; 32] },
+    /// Server to client: the server closed the session (both directions finished and
+    /// acknowledged on its side). The client, the only side able to reconnect, keeps the
+    /// session until it gets this, so the server never waits for an ack that got lost.
+    Close,
 }
 
 const F_DATA: u8 = 1;
@@ -237,6 +241,7 @@ const F_FIN: u8 = 5;
 const F_RESET: u8 = 6;
 const F_OPEN_RESULT: u8 = 7;
 const F_RESUME_CONFIRM: u8 = 8;
+const F_CLOSE: u8 = 9;
 
 impl Frame {
     /// Appends the plaintext encoding to `out`.
@@ -263,6 +268,7 @@ impl Frame {
                 out.push(F_RESUME_CONFIRM);
                 out.extend_from_slice(proof);
             }
+            Frame::Close => out.push(F_CLOSE),
         }
     }
 
@@ -283,6 +289,7 @@ impl Frame {
             F_RESET => Frame::Reset { code: take_u32(&mut rest, "reset frame")? },
             F_OPEN_RESULT => Frame::OpenResult { code: take_u32(&mut rest, "open-result frame")? },
             F_RESUME_CONFIRM => Frame::ResumeConfirm { proof: take_array(&mut rest, "resume-confirm frame")? },
+            F_CLOSE => Frame::Close,
             t => return Err(WireError::UnknownFrame(t)),
         };
         expect_end(rest, "frame")?;
@@ -300,6 +307,7 @@ impl Frame {
             Frame::Reset { .. } => "reset",
             Frame::OpenResult { .. } => "open-result",
             Frame::ResumeConfirm { .. } => "resume-confirm",
+            Frame::Close => "close",
         }
     }
 }
@@ -372,6 +380,7 @@ mod tests {
             Frame::OpenResult { code: 0 },
             Frame::OpenResult { code: 2 },
             Frame::ResumeConfirm { proof: [7; 32] },
+            Frame::Close,
         ]
     }
 
@@ -411,7 +420,7 @@ mod tests {
 
     #[test]
     fn unknown_types_are_errors() {
-        for ty in [0u8, 9, 0x7f, 0xff] {
+        for ty in [0u8, 10, 0x7f, 0xff] {
             assert_eq!(Frame::decode(Bytes::from(vec![ty, 0, 0, 0, 0, 0, 0, 0, 0])), Err(WireError::UnknownFrame(ty)));
             assert_eq!(Hello::decode(&[ty]), Err(WireError::UnknownMessage(ty)));
         }

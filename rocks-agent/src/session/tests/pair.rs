@@ -73,9 +73,6 @@ impl Wire {
         }
     }
 
-    fn server_open(&self) -> bool {
-        !matches!(self.server, ServerEnd::Closed)
-    }
 }
 
 /// One agent plus its app, as seen by the harness.
@@ -241,6 +238,36 @@ impl Pair {
         self.wires[wire].to_client.push_back(Packet::Data(at, Bytes::copy_from_slice(bytes)));
     }
 
+    /// Flips one bit in the next bytes in flight towards the client (if any). Returns whether
+    /// something was corrupted.
+    pub fn flip_bit_to_client(&mut self, wire: usize, index: usize) -> bool {
+        let Some(Packet::Data(_, data)) = self.wires[wire].to_client.iter_mut().find(|p| matches!(p, Packet::Data(..))) else {
+            return false;
+        };
+        if data.is_empty() {
+            return false;
+        }
+        let mut v = data.to_vec();
+        let i = index % v.len();
+        v[i] ^= 0x10;
+        *data = Bytes::from(v);
+        true
+    }
+
+    pub fn flip_bit_to_server(&mut self, wire: usize, index: usize) -> bool {
+        let Some(Packet::Data(_, data)) = self.wires[wire].to_server.iter_mut().find(|p| matches!(p, Packet::Data(..))) else {
+            return false;
+        };
+        if data.is_empty() {
+            return false;
+        }
+        let mut v = data.to_vec();
+        let i = index % v.len();
+        v[i] ^= 0x10;
+        *data = Bytes::from(v);
+        true
+    }
+
     /// A new raw connection from an attacker to the server (no client session behind it).
     pub fn attacker_connect(&mut self, bytes: &[u8]) -> usize {
         let accept = Accept::new(self.now, self.server_config.clone(), &self.server_secret);
@@ -324,7 +351,7 @@ impl Pair {
                 let Some(w) = self.wires.iter_mut().find(|w| w.client_tid == transport) else {
                     panic!("client wrote to unknown transport {transport}");
                 };
-                assert!(w.client_open, "client wrote to {transport} after closing it");
+                assert!(w.client_open, "client wrote to {transport} after closing it; events {:?}", self.client.events);
                 w.client_wrote.extend_from_slice(&data);
                 if !w.black_hole && !self.net_down {
                     w.to_server.push_back(Packet::Data(at, data));

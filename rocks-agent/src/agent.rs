@@ -129,7 +129,8 @@ pub async fn attach(args: cli::AttachArgs, shutdown: impl Future<Output = ()>) -
         fast_path: args.fast_path == cli::FastPath::On,
         ports: args.ports.clone(),
         exclude_ports: args.exclude_ports.clone(),
-        log_redirects: true,
+        // Each record crosses a ring buffer per connect: only pay for it when someone reads it.
+        log_redirects: tracing::enabled!(target: "rocks", tracing::Level::DEBUG),
     };
     let mut redirector = Redirector::load(&options)?;
     redirector.attach(&targets, own.as_ref())?;

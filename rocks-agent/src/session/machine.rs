@@ -85,6 +85,8 @@ struct Link {
     deadline: Option<Instant>,
     last_recv: Instant,
     last_send: Instant,
+    /// A frame arrived on it after the handshake (it really worked).
+    got_frame: bool,
 }
 
 enum Phase {
@@ -137,6 +139,7 @@ impl Link {
             deadline,
             last_recv: now,
             last_send: now,
+            got_frame: false,
         }
     }
 
@@ -502,7 +505,11 @@ impl Session {
     fn place(&mut self, now: Instant, link: Link, slot: Slot, result: Result<(), CloseReason>) {
         match result {
             Err(reason) => self.link_failed(now, link, slot, reason),
-            Ok(()) if self.is_ended() => self.close_link(link, CloseReason::SessionEnded),
+            // A resume attempt on an ended (lingering) server session stays until confirmed:
+            // the client then learns how the session ended.
+            Ok(()) if self.is_ended() && !(slot == Slot::Pending && !self.is_client()) => {
+                self.close_link(link, CloseReason::SessionEnded);
+            }
             Ok(()) => match slot {
                 Slot::Active => {
                     debug_assert!(self.active.is_none());
@@ -528,6 +535,10 @@ impl Session {
     /// A transport failed: what that means depends on what it was doing.
     fn link_failed(&mut self, now: Instant, link: Link, slot: Slot, reason: CloseReason) {
         let client_handshake = matches!(link.phase, Phase::Connecting | Phase::Handshake { .. });
+        if slot == Slot::Active && !link.got_frame {
+            // It died before carrying anything: back off as for a failed attempt.
+            self.attempts = self.attempts.saturating_add(1);
+        }
         let handshake_error = match &reason {
             CloseReason::Handshake(e) => Some(e.clone()),
             _ => None,
@@ -797,7 +808,9 @@ impl Session {
             return Err(CloseReason::SessionEnded);
         }
         let took = self.suspended_at.take().map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-        self.attempts = 0;
+        // `attempts` (the back-off) is reset only once a frame arrives on the new transport:
+        // a peer that completes handshakes and then drops the transport must not get a
+        // reconnect storm.
         self.next_attempt = None;
         self.stats.resumes += 1;
         self.stats.last_resume_took = Some(took);
@@ -815,12 +828,14 @@ impl Session {
         let Phase::Established { ts } = &mut link.phase else { return Ok(()) };
         let plain = handshake::open(ts, record).map_err(|_| CloseReason::Broken(ProtocolError::Decrypt))?;
         link.last_recv = now;
+        link.got_frame = true;
         self.on_frame(link, plain)
     }
 
     /// One decrypted frame on an established transport.
     fn on_frame(&mut self, link: &mut Link, plain: Vec<u8>) -> Result<(), CloseReason> {
         let frame = Frame::decode(Bytes::from(plain)).map_err(|e| CloseReason::Broken(e.into()))?;
+        self.attempts = 0;
         let broken = CloseReason::Broken;
         match frame {
             Frame::Data { offset, data } => {
@@ -890,6 +905,7 @@ impl Session {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
         if self.is_ended() {
+            self.expire_handshakes(now);
             return;
         }
         if let Some(at) = self.suspended_at
@@ -899,15 +915,9 @@ impl Session {
             self.end(State::Failed, Event::Expired);
             return;
         }
-        let expired: Vec<TransportId> =
-            self.pending.iter().filter(|l| l.deadline.is_some_and(|d| now >= d)).map(|l| l.id).collect();
-        for id in expired {
-            if let Some((link, slot)) = self.take_link(id) {
-                self.link_failed(now, link, slot, CloseReason::Handshake(HandshakeError::Timeout));
-            }
-            if self.is_ended() {
-                return;
-            }
+        self.expire_handshakes(now);
+        if self.is_ended() {
+            return;
         }
         if let Some(link) = self.active.as_mut() {
             if now >= link.last_recv + self.config.dead_after {
@@ -932,13 +942,27 @@ impl Session {
         self.maybe_reconnect(now);
     }
 
+    fn expire_handshakes(&mut self, now: Instant) {
+        let expired: Vec<TransportId> =
+            self.pending.iter().filter(|l| l.deadline.is_some_and(|d| now >= d)).map(|l| l.id).collect();
+        for id in expired {
+            if let Some((link, slot)) = self.take_link(id) {
+                self.link_failed(now, link, slot, CloseReason::Handshake(HandshakeError::Timeout));
+            }
+        }
+    }
+
     /// When `handle_timeout` should be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.is_ended() {
-            return None;
-        }
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if self.is_ended() {
+            // Only resume attempts on a lingering session have deadlines.
+            for d in self.pending.iter().filter_map(|l| l.deadline) {
+                consider(d);
+            }
+            return next;
+        }
         if let Some(at) = self.suspended_at {
             consider(at + self.config.keep_for);
         }

@@ -4,3 +4,4 @@
 
 mod basic;
 mod pair;
+mod resume;

@@ -121,7 +121,8 @@ fn resume_supersedes_a_transport_the_server_thinks_alive() {
     let old = p.server_wire().unwrap();
     // The client's network changes; its old path is gone, but the server has no idea.
     p.black_hole(old);
-    p.c().path_changed(p.now);
+    let now = p.now;
+    p.c().path_changed(now);
     assert!(p.run_until(Duration::from_millis(500), |p| p.server.has(|e| matches!(e, Event::Resumed { .. }))));
     assert!(p.server.has(|e| matches!(e, Event::TransportClosed { reason: CloseReason::Superseded, .. })));
     assert!(!p.server.has(|e| *e == Event::Suspended), "the server never lost the session");
@@ -159,8 +160,7 @@ fn replayed_resume_is_refused_and_the_live_session_keeps_working() {
     p.attacker_connect(&preamble_and_msg1(&recorded));
     p.run_for(Duration::from_secs(3));
     let new_events: Vec<_> = p.server.events[server_events_before..].iter().map(|(_, e)| e.clone()).collect();
-    assert!(new_events.contains(&Event::TransportClosed { transport: crate::session::TransportId(3), reason: CloseReason::Handshake(HandshakeError::AuthFailed) })
-        || new_events.iter().any(|e| matches!(e, Event::TransportClosed { reason: CloseReason::Handshake(HandshakeError::AuthFailed), .. })), "{new_events:?}");
+    assert!(new_events.iter().any(|e| matches!(e, Event::TransportClosed { reason: CloseReason::Handshake(HandshakeError::AuthFailed), .. })), "{new_events:?}");
     assert!(new_events.iter().any(|e| matches!(e, Event::TransportClosed { reason: CloseReason::Handshake(HandshakeError::Timeout), .. })), "{new_events:?}");
     assert!(!new_events.iter().any(|e| matches!(e, Event::Resumed { .. } | Event::Suspended)), "{new_events:?}");
     assert_eq!(p.server_wire(), Some(live), "still on the real transport");

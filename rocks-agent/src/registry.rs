@@ -124,6 +124,13 @@ pub struct EntryGuard {
     pub entry: Arc<Entry>,
 }
 
+impl EntryGuard {
+    /// Leaves `status` now, although the guard lives on (a session lingering after its close).
+    pub fn retire(&self) {
+        self.registry.entries.lock().expect("registry lock").remove(&self.entry.id);
+    }
+}
+
 impl Drop for EntryGuard {
     fn drop(&mut self) {
         self.registry.entries.lock().expect("registry lock").remove(&self.entry.id);

@@ -113,18 +113,13 @@ impl Secret {
     /// Writes the secret to a new file with mode 0600. An existing file is never replaced: a
     /// cluster whose agents silently got a new secret would stop working.
     pub fn write_new(&self, path: &Path) -> Result<(), SecretError> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|source| {
-                if source.kind() == io::ErrorKind::AlreadyExists {
-                    SecretError::Exists { path: path.to_owned() }
-                } else {
-                    SecretError::Write { path: path.to_owned(), source }
-                }
-            })?;
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|source| {
+            if source.kind() == io::ErrorKind::AlreadyExists {
+                SecretError::Exists { path: path.to_owned() }
+            } else {
+                SecretError::Write { path: path.to_owned(), source }
+            }
+        })?;
         // The umask can only remove bits, and 0600 has none it would remove for the owner,
         // but set it explicitly anyway so the result never depends on the caller's umask.
         let written = file
@@ -169,9 +164,7 @@ impl ParseError {
     fn at(self, path: &Path) -> SecretError {
         let path = path.to_owned();
         match self {
-            ParseError::WrongLength(found) => {
-                SecretError::WrongLength { path, expected: 2 * SECRET_LEN, found }
-            }
+            ParseError::WrongLength(found) => SecretError::WrongLength { path, expected: 2 * SECRET_LEN, found },
             ParseError::NotHex(position) => SecretError::NotHex { path, position },
             ParseError::AllZero => SecretError::AllZero { path },
         }
@@ -201,10 +194,8 @@ mod tests {
         fn new() -> TempDir {
             let mut name = [0u8; 8];
             rand::rng().fill_bytes(&mut name);
-            let dir = std::env::temp_dir().join(format!(
-                "rocks-secret-test-{}",
-                name.iter().map(|b| format!("{b:02x}")).collect::<String>()
-            ));
+            let dir = std::env::temp_dir()
+                .join(format!("rocks-secret-test-{}", name.iter().map(|b| format!("{b:02x}")).collect::<String>()));
             fs::create_dir(&dir).unwrap();
             TempDir(dir)
         }
@@ -266,10 +257,7 @@ mod tests {
         let mut bad = "0".repeat(64);
         bad.replace_range(10..11, "g");
         fs::write(&path, &bad).unwrap();
-        assert!(matches!(
-            Secret::from_file(&path).unwrap_err(),
-            SecretError::NotHex { position: 10, .. }
-        ));
+        assert!(matches!(Secret::from_file(&path).unwrap_err(), SecretError::NotHex { position: 10, .. }));
 
         fs::write(&path, "0".repeat(64)).unwrap();
         assert!(matches!(Secret::from_file(&path).unwrap_err(), SecretError::AllZero { .. }));

@@ -51,7 +51,7 @@ pub async fn handle(shared: Arc<Shared>, app: TcpStream, app_addr: SocketAddr) {
                 connect_timeout: shared.session_config.handshake_timeout,
                 path_changes: shared.path_changes.as_ref().map(|tx| tx.subscribe()),
             };
-            let ending = driver::run(session, transport, app, side, &entry).await;
+            let ending = driver::run(session, transport, driver::Local::Connected(app), side, &entry).await;
             log_ending(&entry, &ending);
         }
         Err(EstablishError::Open(OpenError::NotAllowed)) => {

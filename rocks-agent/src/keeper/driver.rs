@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use crate::{
     net,
     registry::EntryGuard,
-    session::{CloseReason, Event, ResumeAttempt, Session, State, TransportId},
+    session::{CloseReason, Event, OpenError, ResumeAttempt, Session, State, TransportId},
 };
 
 /// Bytes read from a transport or the local socket in one go.
@@ -56,6 +56,19 @@ pub enum Side {
     Server { resumes: mpsc::Receiver<ResumeOffer> },
 }
 
+/// The socket on this host the session's bytes go to and come from.
+pub enum Local {
+    /// Client: the application's accepted socket.
+    Connected(TcpStream),
+    /// Server: the destination, dialed only once the session is confirmed (a replayed
+    /// handshake message must never make us connect anywhere).
+    Dial { dst: SocketAddr, timeout: Duration, allowed: bool },
+}
+
+/// How long a server session that closed normally stays reachable for a late resume, so a
+/// client whose last frames were lost learns that everything arrived (like TCP's TIME_WAIT).
+const SERVER_LINGER: Duration = Duration::from_secs(60);
+
 /// How a session ended, for the caller's logs and counters.
 #[derive(Debug)]
 pub enum Ending {
@@ -69,6 +82,7 @@ enum Inbound {
     Data(TransportId, Bytes),
     Lost(TransportId),
     Connected(TransportId, Result<TcpStream, net::ConnectError>),
+    Dialed(Result<TcpStream, OpenError>),
 }
 
 struct Transport {
@@ -142,10 +156,14 @@ async fn write_transport(
 pub async fn run(
     mut session: Session,
     first: TcpStream,
-    mut local: TcpStream,
+    local: Local,
     mut side: Side,
     entry: &EntryGuard,
 ) -> Ending {
+    let (mut local, mut dial) = match local {
+        Local::Connected(stream) => (Some(stream), None),
+        Local::Dial { dst, timeout, allowed } => (None, Some((dst, timeout, allowed))),
+    };
     let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(64);
     let mut transports: HashMap<TransportId, Transport> = HashMap::new();
     transports.insert(session.first_transport(), Transport::start(session.first_transport(), first, inbound_tx.clone()));
@@ -160,12 +178,7 @@ pub async fn run(
 
     loop {
         let now = Instant::now().into_std();
-        // Hand out everything the core has for the transports.
-        while let Some(t) = session.poll_transmit(now) {
-            if let Some(tr) = transports.get(&t.transport).and_then(|tr| tr.writer.as_ref()) {
-                let _ = tr.send(t.data);
-            }
-        }
+        flush_transmits(&mut session, &transports, now);
         // Take received bytes while the local socket can absorb them.
         while local_out_bytes < LOCAL_OUT_LIMIT {
             let Some(chunk) = session.recv() else { break };
@@ -177,6 +190,21 @@ pub async fn run(
                 Event::Established { id } => {
                     entry.set_session_id(id.to_string());
                     entry.set_state("active");
+                    if let Some((dst, timeout, allowed)) = dial.take() {
+                        if allowed {
+                            let tx = inbound_tx.clone();
+                            tokio::spawn(async move {
+                                let result = net::connect_marked(dst, timeout).await.map_err(|e| match e {
+                                    net::ConnectError::Refused => OpenError::Refused,
+                                    net::ConnectError::TimedOut(_) => OpenError::TimedOut,
+                                    net::ConnectError::Other(_) => OpenError::Unreachable,
+                                });
+                                let _ = tx.send(Inbound::Dialed(result)).await;
+                            });
+                        } else {
+                            session.open_result(Err(OpenError::NotAllowed));
+                        }
+                    }
                 }
                 Event::Opened => entry.set_state("active"),
                 Event::TransportClosed { transport, reason } => {
@@ -221,17 +249,10 @@ pub async fn run(
         entry.buffered.store(stats.buffered as u64, Relaxed);
 
         if let Some(ending) = ending {
-            // Flush what the core still queued, then let the transports close gracefully.
-            while let Some(t) = session.poll_transmit(now) {
-                if let Some(tr) = transports.get(&t.transport).and_then(|tr| tr.writer.as_ref()) {
-                    let _ = tr.send(t.data);
-                }
-            }
-            for (_, tr) in transports.drain() {
-                tr.close();
-            }
-            match &ending {
-                Ending::Event(Event::Closed) => {
+            // Flush what the core still queued; the transports close gracefully.
+            flush_transmits(&mut session, &transports, now);
+            match (&ending, local.take()) {
+                (Ending::Event(Event::Closed), Some(mut local)) => {
                     // Deliver what is left, then close normally.
                     for chunk in local_out.drain(..) {
                         if local.write_all(&chunk).await.is_err() {
@@ -240,18 +261,30 @@ pub async fn run(
                     }
                     let _ = local.shutdown().await;
                 }
-                _ => net::abort(local),
+                (_, Some(local)) => net::abort(local),
+                (_, None) => {}
+            }
+            if matches!(ending, Ending::Event(Event::Closed)) && matches!(side, Side::Server { .. }) {
+                entry.retire();
+                linger(&mut session, &mut transports, &mut inbound, &inbound_tx, &mut side).await;
+            }
+            for (_, tr) in transports.drain() {
+                tr.close();
             }
             return ending;
         }
 
         // Half-close toward the local socket once everything before the peer's fin is out.
-        if peer_finished && local_out.is_empty() && !local_write_done {
-            local_write_done = true;
-            let _ = local.shutdown().await;
+        if let Some(l) = local.as_mut() {
+            if peer_finished && local_out.is_empty() && !local_write_done {
+                local_write_done = true;
+                let _ = l.shutdown().await;
+            }
         }
 
-        let can_read_local = !local_read_done && session.send_capacity() > 0 && session_carries_data(&session);
+        let can_read_local =
+            local.is_some() && !local_read_done && session.send_capacity() > 0 && session_carries_data(&session);
+        let can_write_local = local.is_some() && !local_out.is_empty();
         let timer = session.poll_timeout().map(Instant::from_std);
         tokio::select! {
             Some(msg) = inbound.recv() => {
@@ -267,6 +300,15 @@ pub async fn run(
                         debug!(id = entry.id, error = %e, "reconnect failed");
                         session.transport_lost(now, t);
                     }
+                    Inbound::Dialed(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
+                        local = Some(stream);
+                        session.open_result(Ok(()));
+                    }
+                    Inbound::Dialed(Err(e)) => {
+                        info!(id = entry.id, error = %e, "cannot connect to the destination");
+                        session.open_result(Err(e));
+                    }
                 }
             }
             side_event = next_side_event(&mut side) => match side_event {
@@ -281,10 +323,10 @@ pub async fn run(
                     session.path_changed(Instant::now().into_std());
                 }
             },
-            ready = local.readable(), if can_read_local => {
-                if ready.is_ok() {
+            ready = readable(local.as_ref()), if can_read_local => {
+                if let (Ok(()), Some(l)) = (ready, local.as_ref()) {
                     let want = session.send_capacity().min(read_buf.len());
-                    match local.try_read(&mut read_buf[..want]) {
+                    match l.try_read(&mut read_buf[..want]) {
                         Ok(0) => {
                             local_read_done = true;
                             session.finish();
@@ -302,9 +344,9 @@ pub async fn run(
                     }
                 }
             }
-            ready = local.writable(), if !local_out.is_empty() => {
-                if ready.is_ok() {
-                    if let Err(e) = write_some(&local, &mut local_out, &mut local_out_bytes) {
+            ready = writable(local.as_ref()), if can_write_local => {
+                if let (Ok(()), Some(l)) = (ready, local.as_ref()) {
+                    if let Err(e) = write_some(l, &mut local_out, &mut local_out_bytes) {
                         warn!(id = entry.id, error = %e, "writing to the local socket failed; resetting the session");
                         session.reset(1);
                         local_out.clear();
@@ -317,6 +359,68 @@ pub async fn run(
                 session.handle_timeout(Instant::now().into_std());
             }
         }
+    }
+}
+
+/// Hands everything the core has for the transports to their writers.
+fn flush_transmits(session: &mut Session, transports: &HashMap<TransportId, Transport>, now: std::time::Instant) {
+    while let Some(t) = session.poll_transmit(now) {
+        if let Some(tr) = transports.get(&t.transport).and_then(|tr| tr.writer.as_ref()) {
+            let _ = tr.send(t.data);
+        }
+    }
+}
+
+/// Server, after a normal close: keep answering resumes for `SERVER_LINGER` so a client that
+/// lost the final frames can still learn how the session ended.
+async fn linger(
+    session: &mut Session,
+    transports: &mut HashMap<TransportId, Transport>,
+    inbound: &mut mpsc::Receiver<Inbound>,
+    inbound_tx: &mpsc::Sender<Inbound>,
+    side: &mut Side,
+) {
+    let deadline = Instant::now() + SERVER_LINGER;
+    loop {
+        let now = Instant::now().into_std();
+        flush_transmits(session, transports, now);
+        while let Some(event) = session.poll_event() {
+            if let Event::TransportClosed { transport, .. } = event {
+                if let Some(tr) = transports.remove(&transport) {
+                    tr.close();
+                }
+            }
+        }
+        let timer = session.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return,
+            Some(msg) = inbound.recv() => match msg {
+                Inbound::Data(t, bytes) => session.handle_input(Instant::now().into_std(), t, &bytes),
+                Inbound::Lost(t) => session.transport_lost(Instant::now().into_std(), t),
+                Inbound::Connected(..) | Inbound::Dialed(..) => {}
+            },
+            side_event = next_side_event(side) => {
+                if let SideEvent::Resume(offer) = side_event {
+                    let t = session.accept_resume(Instant::now().into_std(), offer.attempt);
+                    transports.insert(t, Transport::start(t, offer.stream, inbound_tx.clone()));
+                }
+            }
+            _ = sleep_until(timer), if timer.is_some() => session.handle_timeout(Instant::now().into_std()),
+        }
+    }
+}
+
+async fn readable(local: Option<&TcpStream>) -> io::Result<()> {
+    match local {
+        Some(l) => l.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn writable(local: Option<&TcpStream>) -> io::Result<()> {
+    match local {
+        Some(l) => l.writable().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -5,12 +5,12 @@ use std::{io, net::SocketAddr, sync::Arc, sync::atomic::Ordering::Relaxed};
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::mpsc, time::Instant};
 use tracing::{debug, info, warn};
 
-use super::driver::{self, Ending, ResumeOffer, Side};
+use super::driver::{self, Ending, Local, ResumeOffer, Side};
 use crate::{
     agent::Shared,
-    net::{self, ConnectError},
+    net,
     registry::Role,
-    session::{Accept, Accepted, Event, OpenError, Session},
+    session::{Accept, Accepted, Event, Session},
 };
 
 /// Resumes waiting for their session's driver to pick them up.
@@ -84,50 +84,28 @@ fn allowed(shared: &Shared, dst: SocketAddr) -> bool {
     net::is_local_address(dst.ip()).unwrap_or(false)
 }
 
-async fn open(shared: Arc<Shared>, mut stream: TcpStream, from: SocketAddr, mut session: Session, dst: SocketAddr) {
-    let dialed = if allowed(&shared, dst) {
-        net::connect_marked(dst, shared.dial_timeout).await.map_err(|e| match e {
-            ConnectError::Refused => OpenError::Refused,
-            ConnectError::TimedOut(_) => OpenError::TimedOut,
-            ConnectError::Other(_) => OpenError::Unreachable,
-        })
-    } else {
-        shared.registry.counters.refused_targets.fetch_add(1, Relaxed);
-        warn!(peer = %from, %dst, "peer asked for a destination that is not an address of this host; refused");
-        Err(OpenError::NotAllowed)
-    };
-    let local = match dialed {
-        Ok(local) => local,
-        Err(e) => {
-            session.open_result(Err(e));
-            flush_and_close(&mut session, &mut stream).await;
-            return;
-        }
-    };
-    session.open_result(Ok(()));
+/// Runs a new session. It stays unconfirmed until the client's first frame proves it holds
+/// msg2; only then does the driver dial the destination, so a replayed msg1 dials nothing.
+async fn open(shared: Arc<Shared>, stream: TcpStream, from: SocketAddr, session: Session, dst: SocketAddr) {
     let Some(id) = session.id() else { return };
+    let allowed = allowed(&shared, dst);
+    if !allowed {
+        shared.registry.counters.refused_targets.fetch_add(1, Relaxed);
+        warn!(peer = %from, %dst, "peer asked for a destination that is not an address of this host; refusing");
+    }
     shared.registry.counters.peer_sessions.fetch_add(1, Relaxed);
     let entry = shared.registry.register(Role::Server, from, dst);
     entry.set_mode(crate::registry::Mode::Kept);
     entry.set_session_id(id.to_string());
-    entry.set_state("active");
-    info!(id = entry.id, session = %id, peer = %from, %dst, "serving a kept connection");
     let (tx, rx) = mpsc::channel(RESUME_QUEUE);
     shared.sessions.lock().expect("sessions lock").insert(id, tx);
+    info!(id = entry.id, session = %id, peer = %from, %dst, "serving a kept connection");
+    let local = Local::Dial { dst, timeout: shared.dial_timeout, allowed };
     let ending = driver::run(session, stream, local, Side::Server { resumes: rx }, &entry).await;
     shared.sessions.lock().expect("sessions lock").remove(&id);
     match ending {
-        Ending::Event(Event::Closed) => info!(id = entry.id, session = %id, "kept connection closed"),
-        other => info!(id = entry.id, session = %id, ending = ?other, "kept connection ended"),
+        Ending::Event(Event::Closed) => info!(id = entry.id, session = %id, peer = %from, %dst, "kept connection closed"),
+        Ending::Event(Event::Failed(e)) => info!(id = entry.id, session = %id, peer = %from, error = %e, "session failed"),
+        other => info!(id = entry.id, session = %id, peer = %from, ending = ?other, "kept connection ended"),
     }
-}
-
-async fn flush_and_close(session: &mut Session, stream: &mut TcpStream) {
-    let now = std::time::Instant::now();
-    while let Some(t) = session.poll_transmit(now) {
-        if stream.write_all(&t.data).await.is_err() {
-            return;
-        }
-    }
-    let _ = stream.shutdown().await;
 }

@@ -21,9 +21,10 @@ use crate::secret::Secret;
 /// What a new inbound transport turned out to be.
 #[derive(Debug)]
 pub enum Accepted {
-    /// A new session. The driver connects to `dst` (after checking it belongs to this host)
-    /// and reports with `Session::open_result`. The client has already proven (with its first
-    /// frame) that it completed the handshake.
+    /// A new session (msg2 comes out of the `Accept`'s `poll_transmit`). Keep it in the
+    /// session table at once (a resume may arrive for it), and connect to `dst` (after
+    /// checking it belongs to this host) when the session reports `Event::Established`, which
+    /// needs the client's first frame; then call `Session::open_result`.
     New { session: Session, dst: SocketAddr },
     /// A resume of `session_id`: hand `attempt` to that session's `accept_resume`, or send
     /// `attempt.refuse()` when no such session exists.
@@ -95,8 +96,6 @@ pub struct Accept {
     deadline: Instant,
     now: Instant,
     out: BytesMut,
-    /// The destination of an `Open`, until the session is created.
-    dst: Option<SocketAddr>,
     outcome: Option<Result<Accepted, HandshakeError>>,
     done: bool,
 }
@@ -104,10 +103,6 @@ pub struct Accept {
 enum Step {
     Preamble(Box<HandshakeState>),
     Msg1(Box<HandshakeState>),
-    /// msg2 of an `Open` was sent. The session is created only when the client's first
-    /// frame decrypts: a replayed msg1 thus never makes us connect to the destination, and
-    /// no session exists that the client does not know about.
-    FirstFrame { ts: Box<snow::TransportState>, id: SessionId, resume_secret: Key },
     Done,
 }
 
@@ -127,7 +122,6 @@ impl Accept {
             reader: wire::RecordReader::default(),
             now,
             out: BytesMut::new(),
-            dst: None,
             outcome: None,
             done: false,
         }
@@ -212,19 +206,6 @@ impl Accept {
                         return Ok(());
                     }
                 }
-                Step::FirstFrame { mut ts, id, resume_secret } => {
-                    let Some(record) = self.reader.next_record() else {
-                        self.step = Step::FirstFrame { ts, id, resume_secret };
-                        return Ok(());
-                    };
-                    // Only the holder of the initiator's ephemeral key can produce this.
-                    let first = handshake::open(&mut ts, &record).map_err(|_| HandshakeError::AuthFailed)?;
-                    let dst = self.dst.take().ok_or(HandshakeError::TransportClosed)?;
-                    let session =
-                        Session::accept_new(self.now, self.config.clone(), id, resume_secret, *ts, first, self.reader.take_rest());
-                    self.finish(Ok(Accepted::New { session, dst }));
-                    return Ok(());
-                }
                 Step::Done => return Ok(()),
             }
         }
@@ -249,19 +230,9 @@ impl Accept {
         })?;
         match hello {
             Hello::Open { dst } => {
-                let id = SessionId(handshake::random());
-                let seed: Key = handshake::random();
-                // Writing a tiny msg2 and splitting cannot fail with a working snow build;
-                // treat a failure like any failed handshake rather than panic.
-                let msg2 = handshake::write(&mut hs, &Answer::Opened { session_id: id, resume_seed: seed }.encode())
-                    .map_err(|_| HandshakeError::AuthFailed)?;
-                let resume_secret = handshake::resume_secret(&handshake::handshake_hash(&hs), &seed);
-                let ts = hs.into_transport_mode().map_err(|_| HandshakeError::AuthFailed)?;
-                self.out.put_slice(&wire::preamble());
-                put_noise_record(&mut self.out, &msg2);
-                self.dst = Some(dst);
-                self.step = Step::FirstFrame { ts: Box::new(ts), id, resume_secret };
-                Ok(None)
+                let rest = self.reader.take_rest();
+                let session = Session::accept_new(self.now, self.config.clone(), hs, rest, &mut self.out)?;
+                Ok(Some(Accepted::New { session, dst }))
             }
             Hello::Resume { session_id, received } => Ok(Some(Accepted::Resume {
                 session_id,

@@ -24,8 +24,7 @@ pub(crate) type Key = [u8; 32];
 /// Keyed BLAKE2s over the concatenation of `parts`.
 fn mac(key: &[u8; 32], parts: &[&[u8]]) -> Key {
     // Keys of 32 bytes are always valid for BLAKE2s, so this cannot fail.
-    let mut m = <Blake2sMac256 as blake2::digest::KeyInit>::new_from_slice(key)
-        .expect("BLAKE2s accepts 32-byte keys");
+    let mut m = <Blake2sMac256 as blake2::digest::KeyInit>::new_from_slice(key).expect("BLAKE2s accepts 32-byte keys");
     for p in parts {
         m.update(p);
     }

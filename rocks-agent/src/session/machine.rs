@@ -63,6 +63,10 @@ pub struct Session {
     pending_reset: Option<u32>,
     /// Client: the server said `Close`.
     close_received: bool,
+    /// Server: the client has shown (by a frame or a resume proof) that it got msg2.
+    confirmed: bool,
+    /// Server: an unconfirmed session fails at this time.
+    confirm_deadline: Option<Instant>,
     /// Server: how the session ended, repeated to a client that resumes after the end
     /// (its last transport may have died before the frame arrived).
     final_word: Option<Frame>,
@@ -71,7 +75,9 @@ pub struct Session {
 
 enum Role {
     /// The client keeps the cluster secret for resume handshakes.
-    Client { secret: Secret },
+    Client {
+        secret: Secret,
+    },
     Server,
 }
 
@@ -93,10 +99,20 @@ enum Phase {
     /// Client: the driver is connecting a TCP transport for a resume.
     Connecting,
     /// Client: preamble and msg1 sent, waiting for the server's preamble and msg2.
-    Handshake { hs: Box<HandshakeState>, got_preamble: bool, kind: HandshakeKind },
+    Handshake {
+        hs: Box<HandshakeState>,
+        got_preamble: bool,
+        kind: HandshakeKind,
+    },
     /// Server: msg2 sent on a resume; waiting for the client's `ResumeConfirm`.
-    AwaitConfirm { ts: Box<TransportState>, expected_proof: Key, peer_received: u64 },
-    Established { ts: Box<TransportState> },
+    AwaitConfirm {
+        ts: Box<TransportState>,
+        expected_proof: Key,
+        peer_received: u64,
+    },
+    Established {
+        ts: Box<TransportState>,
+    },
 }
 
 #[derive(Clone, Copy)]
@@ -188,6 +204,8 @@ impl Session {
             opened: false,
             pending_reset: None,
             close_received: false,
+            confirmed: true,
+            confirm_deadline: None,
             final_word: None,
             stats: Stats::default(),
         }
@@ -223,31 +241,54 @@ impl Session {
         s
     }
 
-    /// Server: the session for an `Open`, created by `Accept` once the client's first frame
-    /// (`first`, already decrypted with `ts`) proved it holds the keys of this handshake.
+    /// Server: the session for an `Open` msg1 (called by `Accept`). It is unconfirmed until
+    /// the client's first frame (or a resume proof) shows the client completed the
+    /// handshake; only then does it report `Established`, which is when the driver connects to
+    /// the destination. A replayed msg1 therefore never makes us connect anywhere: its
+    /// session fails after `confirm_timeout`.
+    /// The server preamble and msg2 are appended to `out` (the `Accept` writes them, so they
+    /// go out at once, whatever the driver does before it runs the session).
     pub(crate) fn accept_new(
         now: Instant,
         config: Config,
-        id: SessionId,
-        resume_secret: Key,
-        ts: TransportState,
-        first: Vec<u8>,
+        mut hs: HandshakeState,
         rest: BytesMut,
-    ) -> Session {
+        out: &mut BytesMut,
+    ) -> Result<Session, HandshakeError> {
+        let id = SessionId(handshake::random());
+        let seed: Key = handshake::random();
+        // Writing a tiny msg2 and splitting cannot fail with a working snow build; treat a
+        // failure like any failed handshake rather than panic.
+        let msg2 = handshake::write(&mut hs, &Answer::Opened { session_id: id, resume_seed: seed }.encode())
+            .map_err(|_| HandshakeError::AuthFailed)?;
+        let final_hash = handshake::handshake_hash(&hs);
+        let ts = hs.into_transport_mode().map_err(|_| HandshakeError::AuthFailed)?;
         let mut s = Session::new(now, config, Role::Server);
         s.id = Some(id);
-        s.resume_secret = Some(resume_secret);
-        s.state = State::Established;
+        s.resume_secret = Some(handshake::resume_secret(&final_hash, &seed));
+        s.confirmed = false;
+        s.confirm_deadline = Some(now + s.config.confirm_timeout);
         let tid = s.alloc_transport();
         let mut link = Link::new(tid, now, Phase::Established { ts: Box::new(ts) }, None);
-        s.events.push_back(Event::Established { id });
-        let mut result = s.on_frame(&mut link, first);
-        if result.is_ok() {
-            link.reader.push(&rest);
-            result = s.drive_link(now, &mut link, &mut Slot::Active);
-        }
+        out.put_slice(&wire::preamble());
+        put_noise_record(out, &msg2);
+        link.reader.push(&rest);
+        let result = s.drive_link(now, &mut link, &mut Slot::Active);
         s.place(now, link, Slot::Active, result);
-        s
+        Ok(s)
+    }
+
+    /// Server: the client proved it has the session.
+    fn confirm(&mut self) {
+        if self.confirmed {
+            return;
+        }
+        self.confirmed = true;
+        self.confirm_deadline = None;
+        if let Some(id) = self.id {
+            info!(session = %id, "session established");
+            self.events.push_back(Event::Established { id });
+        }
     }
 
     /// The transport the session was created on.
@@ -338,11 +379,10 @@ impl Session {
         let Some(code) = self.pending_reset else { return };
         if let Some(link) = self.active.as_mut()
             && link.is_established()
+            && link.queue(&Frame::Reset { code }).is_ok()
         {
-            if link.queue(&Frame::Reset { code }).is_ok() {
-                self.final_word = Some(Frame::Reset { code });
-                self.end(State::Closed, Event::Closed);
-            }
+            self.final_word = Some(Frame::Reset { code });
+            self.end(State::Closed, Event::Closed);
         }
     }
 
@@ -431,7 +471,8 @@ impl Session {
         let hash_after_msg1 = handshake::handshake_hash(&hs);
         link.out.put_slice(&wire::preamble());
         put_noise_record(&mut link.out, &msg1);
-        link.phase = Phase::Handshake { hs: Box::new(hs), got_preamble: false, kind: HandshakeKind::Resume { hash_after_msg1 } };
+        link.phase =
+            Phase::Handshake { hs: Box::new(hs), got_preamble: false, kind: HandshakeKind::Resume { hash_after_msg1 } };
         link.last_recv = now;
         self.state = State::Resuming;
     }
@@ -449,11 +490,16 @@ impl Session {
             out.put_slice(&refusal(hs, RejectReason::UnknownSession));
             out
         };
-        let Some(resume_secret) = self.resume_secret.filter(|_| {
-            !self.is_client() && self.id == Some(session_id) && self.state != State::Failed
-        }) else {
+        let Some(resume_secret) = self
+            .resume_secret
+            .filter(|_| !self.is_client() && self.id == Some(session_id) && self.state != State::Failed)
+        else {
             let out = refuse(hs);
-            self.closing.push_back(Closing { id: tid, out, reason: CloseReason::Handshake(HandshakeError::UnknownSession) });
+            self.closing.push_back(Closing {
+                id: tid,
+                out,
+                reason: CloseReason::Handshake(HandshakeError::UnknownSession),
+            });
             return tid;
         };
         let answer = Answer::Resumed {
@@ -462,12 +508,20 @@ impl Session {
         };
         let Ok(msg2) = handshake::write(&mut hs, &answer.encode()) else {
             let out = refuse(hs);
-            self.closing.push_back(Closing { id: tid, out, reason: CloseReason::Handshake(HandshakeError::AuthFailed) });
+            self.closing.push_back(Closing {
+                id: tid,
+                out,
+                reason: CloseReason::Handshake(HandshakeError::AuthFailed),
+            });
             return tid;
         };
         let final_hash = handshake::handshake_hash(&hs);
         let Ok(ts) = hs.into_transport_mode() else {
-            self.closing.push_back(Closing { id: tid, out: BytesMut::new(), reason: CloseReason::Handshake(HandshakeError::AuthFailed) });
+            self.closing.push_back(Closing {
+                id: tid,
+                out: BytesMut::new(),
+                reason: CloseReason::Handshake(HandshakeError::AuthFailed),
+            });
             return tid;
         };
         let phase = Phase::AwaitConfirm {
@@ -507,7 +561,7 @@ impl Session {
             Err(reason) => self.link_failed(now, link, slot, reason),
             // A resume attempt on an ended (lingering) server session stays until confirmed:
             // the client then learns how the session ended.
-            Ok(()) if self.is_ended() && !(slot == Slot::Pending && !self.is_client()) => {
+            Ok(()) if self.is_ended() && (slot == Slot::Active || self.is_client()) => {
                 self.close_link(link, CloseReason::SessionEnded);
             }
             Ok(()) => match slot {
@@ -622,7 +676,12 @@ impl Session {
 
     /// Client: ask the driver for a transport when the back-off allows.
     fn maybe_reconnect(&mut self, now: Instant) {
-        if !self.is_client() || self.is_ended() || self.id.is_none() || self.active.is_some() || !self.pending.is_empty() {
+        if !self.is_client()
+            || self.is_ended()
+            || self.id.is_none()
+            || self.active.is_some()
+            || !self.pending.is_empty()
+        {
             return;
         }
         let Some(at) = self.next_attempt else { return };
@@ -765,7 +824,13 @@ impl Session {
     }
 
     /// Server: the first frame on a resumed transport must prove the resume secret.
-    fn confirm_resume(&mut self, now: Instant, link: &mut Link, record: &[u8], slot: &mut Slot) -> Result<(), CloseReason> {
+    fn confirm_resume(
+        &mut self,
+        now: Instant,
+        link: &mut Link,
+        record: &[u8],
+        slot: &mut Slot,
+    ) -> Result<(), CloseReason> {
         let Phase::AwaitConfirm { ts, expected_proof, peer_received } = &mut link.phase else { return Ok(()) };
         let (expected_proof, peer_received) = (*expected_proof, *peer_received);
         // A replayed msg1 got an answer it cannot read; whatever follows fails here.
@@ -773,10 +838,16 @@ impl Session {
         match Frame::decode(Bytes::from(plain)) {
             Ok(Frame::ResumeConfirm { proof }) if handshake::ct_eq(&proof, &expected_proof) => {}
             Ok(Frame::ResumeConfirm { .. }) => return Err(CloseReason::Handshake(HandshakeError::BadProof)),
-            Ok(_) => return Err(CloseReason::Handshake(HandshakeError::Malformed(WireError::Unexpected("frame before resume-confirm")))),
+            Ok(_) => {
+                return Err(CloseReason::Handshake(HandshakeError::Malformed(WireError::Unexpected(
+                    "frame before resume-confirm",
+                ))));
+            }
             Err(e) => return Err(CloseReason::Handshake(HandshakeError::Malformed(e))),
         }
-        let Phase::AwaitConfirm { ts, .. } = std::mem::replace(&mut link.phase, Phase::Connecting) else { return Ok(()) };
+        let Phase::AwaitConfirm { ts, .. } = std::mem::replace(&mut link.phase, Phase::Connecting) else {
+            return Ok(());
+        };
         link.phase = Phase::Established { ts };
         if self.is_ended() {
             // A closed session kept (lingering) for a late resume: the client missed how it
@@ -795,6 +866,7 @@ impl Session {
         }
         *slot = Slot::Active;
         self.state = State::Established;
+        self.confirm();
         if let Some(code) = self.open_result {
             link.queue(&Frame::OpenResult { code })?;
         }
@@ -836,6 +908,10 @@ impl Session {
     fn on_frame(&mut self, link: &mut Link, plain: Vec<u8>) -> Result<(), CloseReason> {
         let frame = Frame::decode(Bytes::from(plain)).map_err(|e| CloseReason::Broken(e.into()))?;
         self.attempts = 0;
+        if !self.confirmed {
+            self.confirm();
+            self.state = State::Established;
+        }
         let broken = CloseReason::Broken;
         match frame {
             Frame::Data { offset, data } => {
@@ -908,6 +984,10 @@ impl Session {
             self.expire_handshakes(now);
             return;
         }
+        if self.confirm_deadline.is_some_and(|d| now >= d) {
+            self.fail(SessionError::Handshake(HandshakeError::Timeout));
+            return;
+        }
         if let Some(at) = self.suspended_at
             && now >= at + self.config.keep_for
         {
@@ -966,6 +1046,9 @@ impl Session {
         if let Some(at) = self.suspended_at {
             consider(at + self.config.keep_for);
         }
+        if let Some(d) = self.confirm_deadline {
+            consider(d);
+        }
         for link in &self.pending {
             if let Some(d) = link.deadline {
                 consider(d);
@@ -977,11 +1060,19 @@ impl Session {
             if let Some(d) = self.ack_deadline {
                 consider(d);
             }
-        }
-        if self.is_client() && self.active.is_none() && self.pending.is_empty() && self.id.is_some() {
-            if let Some(at) = self.next_attempt {
-                consider(at);
+            if self.ack_due && self.recv.ack_pos() > self.ack_sent {
+                // An ack became due in a call without output (`recv`): wake the driver so it
+                // calls `poll_transmit`, whatever order it polls in.
+                consider(self.now);
             }
+        }
+        if self.is_client()
+            && self.active.is_none()
+            && self.pending.is_empty()
+            && self.id.is_some()
+            && let Some(at) = self.next_attempt
+        {
+            consider(at);
         }
         next
     }
@@ -1009,7 +1100,7 @@ impl Session {
                 link.last_send = now;
                 return Some(Transmit { transport: link.id, data: link.out.split().freeze() });
             }
-            let Some(mut link) = self.active.take() else { return None };
+            let mut link = self.active.take()?;
             let mut result = self.fill(&mut link);
             let closing_now = result.is_ok() && link.is_established() && self.graceful_end_due();
             if closing_now && !self.is_client() {
@@ -1073,10 +1164,6 @@ impl Session {
     /// Test hook: the offsets the replay buffer holds, to check nothing outside is emitted.
     pub(crate) fn unacked_window(&self) -> (u64, u64) {
         (self.send.acked(), self.send.end())
-    }
-
-    pub(crate) fn has_unsent(&self) -> bool {
-        self.send.has_unsent()
     }
 
     pub(crate) fn active_transport(&self) -> Option<TransportId> {

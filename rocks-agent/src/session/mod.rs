@@ -50,22 +50,28 @@
 //!    `OpenFailed`) and drop the session.
 //!
 //! Server: for each accepted TCP connection make an `Accept` and feed it input and timeouts
-//! until `poll_outcome()` answers; write out its `poll_transmit()` (a rejection) either way.
-//! * `Accepted::New { session, dst }`: connect to `dst` (only if it is an address of this
-//!   host), then `open_result(..)`; the transport is `session.first_transport()`; run the same
-//!   loop as the client (a server never sees `Reconnect`).
+//! until `poll_outcome()` answers; write out its `poll_transmit()` in every case (msg2 of a new
+//! session, or a rejection).
+//! * `Accepted::New { session, dst }`: put the session in the session table at once (a resume
+//!   may arrive for it) and run the same loop as the client on `session.first_transport()`
+//!   (a server never sees `Reconnect`). When it reports `Event::Established` (the client
+//!   proved it completed the handshake), connect to `dst` (only if it is an address of this
+//!   host) and call `open_result(..)`. Do not connect earlier: an unconfirmed session may come
+//!   from a replayed handshake message, and fails by itself after `confirm_timeout`.
 //! * `Accepted::Resume { session_id, attempt }`: look the session up; if found,
 //!   `let t = session.accept_resume(now, attempt)` and feed that connection's input to the
 //!   session as transport `t`; if not, write `attempt.refuse()` to the connection and close it.
 //!
 //! A `Closed` server session should stay in the session table for a while (a linger, like TCP's
-//! TIME_WAIT) so a peer whose last acknowledgement was lost can still resume and learn that
-//! everything arrived.
+//! TIME_WAIT, e.g. a minute): a client whose transport died before the server's final `Close`
+//! (or `Reset`, or failed `OpenResult`) arrived resumes, and the lingering session repeats it.
+//! Without the linger the client still ends cleanly when both streams were complete, and fails
+//! otherwise.
 
 mod accept;
-mod machine;
 mod error;
 mod handshake;
+mod machine;
 mod stream;
 mod wire;
 
@@ -75,8 +81,8 @@ mod tests;
 use std::{fmt, time::Duration};
 
 pub use accept::{Accept, Accepted, ResumeAttempt};
-pub use machine::Session;
 pub use error::{HandshakeError, OpenError, ProtocolError, RejectReason, SessionError, WireError};
+pub use machine::Session;
 
 /// Tunables. Every bound has a name here.
 #[derive(Debug, Clone)]
@@ -96,6 +102,12 @@ pub struct Config {
     pub dead_after: Duration,
     /// Limit for a handshake, including the TCP connect of a resume attempt.
     pub handshake_timeout: Duration,
+    /// Server: a new session the client has not confirmed (by a frame or a resume) within
+    /// this time fails. Long enough for a client that lost its first transport right after
+    /// the handshake to resume through a short outage; short enough that replayed `Open`
+    /// messages (which can never be confirmed) do not pile up. Drivers should also cap the
+    /// number of unconfirmed sessions.
+    pub confirm_timeout: Duration,
     /// How long a session without a transport waits for its peer before it fails.
     pub keep_for: Duration,
     /// First reconnect delay after a failed attempt; doubles up to `backoff_max`.
@@ -116,6 +128,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(1),
             dead_after: Duration::from_secs(4),
             handshake_timeout: Duration::from_secs(2),
+            confirm_timeout: Duration::from_secs(30),
             keep_for: Duration::from_secs(72 * 3600),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
@@ -177,7 +190,8 @@ pub struct Transmit {
 /// Where a session stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
-    /// Client: the initial handshake is in progress.
+    /// Client: the initial handshake is in progress. Server: the client has not yet
+    /// confirmed the new session.
     Connecting,
     /// A working transport carries the session.
     Established,
@@ -214,7 +228,9 @@ pub enum CloseReason {
 /// Something the driver must know about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The session exists on both sides (client: the initial handshake finished).
+    /// The session exists on both sides. Client: the initial handshake finished. Server: the
+    /// client confirmed it; connect to the destination now (not before: an unconfirmed
+    /// session may come from a replayed handshake message).
     Established { id: SessionId },
     /// Client: the server connected to the destination.
     Opened,

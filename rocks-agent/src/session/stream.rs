@@ -52,6 +52,7 @@ impl SendBuffer {
         self.acked + self.buf.len() as u64
     }
 
+    #[cfg(test)]
     pub(crate) fn acked(&self) -> u64 {
         self.acked
     }
@@ -75,17 +76,8 @@ impl SendBuffer {
         self.fin = true;
     }
 
-    pub(crate) fn is_finished(&self) -> bool {
-        self.fin
-    }
-
     pub(crate) fn fin_acked(&self) -> bool {
         self.fin_acked
-    }
-
-    /// Bytes waiting for their first transmission on the current transport.
-    pub(crate) fn has_unsent(&self) -> bool {
-        self.next < self.end()
     }
 
     /// The next chunk to transmit, at most `max` bytes, copied out of the ring.
@@ -183,7 +175,15 @@ pub(crate) struct RecvBuffer {
 
 impl RecvBuffer {
     pub(crate) fn new(limit: usize) -> RecvBuffer {
-        RecvBuffer { queue: VecDeque::new(), queued: 0, received: 0, consumed: 0, fin: None, fin_delivered: false, limit }
+        RecvBuffer {
+            queue: VecDeque::new(),
+            queued: 0,
+            received: 0,
+            consumed: 0,
+            fin: None,
+            fin_delivered: false,
+            limit,
+        }
     }
 
     /// Accepts a data frame; returns how many new bytes it added. Duplicates (a retransmission
@@ -261,6 +261,7 @@ impl RecvBuffer {
         self.queued
     }
 
+    #[cfg(test)]
     pub(crate) fn consumed(&self) -> u64 {
         self.consumed
     }
@@ -292,6 +293,45 @@ mod tests {
         assert_eq!(s.next_chunk(2), Some((5, Bytes::from_static(b"56"))));
         assert!(s.rewind(2).is_err(), "below acked");
         assert!(s.rewind(14).is_err(), "beyond sent");
+    }
+
+    #[test]
+    fn never_emits_outside_the_unacked_window() {
+        use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+        // Random writes, transmissions, acks and resumes; every emitted chunk must lie in
+        // [acked, end) and carry exactly the stream's bytes at its offset.
+        for seed in 0..50 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let stream: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+            let mut s = SendBuffer::new(rng.random_range(1..5000));
+            let mut written = 0usize;
+            let mut peer_has = 0u64; // what an honest peer received
+            for _ in 0..2000 {
+                match rng.random_range(0..4) {
+                    0 => {
+                        let n = rng.random_range(0..3000).min(stream.len() - written);
+                        written += s.write(&stream[written..written + n]);
+                    }
+                    1 => {
+                        if let Some((offset, data)) = s.next_chunk(rng.random_range(1..2000)) {
+                            assert!(offset >= s.acked() && offset + data.len() as u64 <= s.end(), "seed {seed}");
+                            let o = offset as usize;
+                            assert_eq!(&data[..], &stream[o..o + data.len()], "seed {seed}");
+                            // In-order transport: the peer takes it if it is next.
+                            if offset <= peer_has {
+                                peer_has = peer_has.max(offset + data.len() as u64);
+                            }
+                        }
+                    }
+                    2 => {
+                        let ack = rng.random_range(s.acked()..=peer_has);
+                        s.on_ack(ack).unwrap();
+                        assert!(s.end() - s.acked() <= s.max as u64);
+                    }
+                    _ => s.rewind(peer_has).unwrap(),
+                }
+            }
+        }
     }
 
     #[test]

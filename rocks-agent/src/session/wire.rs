@@ -98,6 +98,7 @@ impl RecordReader {
         &self.buf
     }
 
+    #[cfg(test)]
     pub(crate) fn buffered(&self) -> usize {
         self.buf.len()
     }

@@ -8,10 +8,7 @@ use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use super::pair::Pair;
 use crate::{
     secret::Secret,
-    session::{
-        Accept, CloseReason, Config, Event, HandshakeError, OpenError, RejectReason, SessionError, State,
-        wire,
-    },
+    session::{Accept, CloseReason, Config, Event, HandshakeError, OpenError, RejectReason, SessionError, State, wire},
 };
 
 pub(crate) fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -203,8 +200,11 @@ fn wrong_secret_fails_on_both_sides() {
     );
     assert!(p.run_until(Duration::from_secs(3), |p| p.client.has(|e| matches!(e, Event::Failed(_)))));
     assert_eq!(p.accept_errors, vec![HandshakeError::AuthFailed]);
-    assert!(p.client.has(|e| *e
-        == Event::Failed(SessionError::Handshake(HandshakeError::PeerRejected(RejectReason::AuthFailed)))));
+    assert!(
+        p.client
+            .has(|e| *e
+                == Event::Failed(SessionError::Handshake(HandshakeError::PeerRejected(RejectReason::AuthFailed))))
+    );
     let msg = HandshakeError::PeerRejected(RejectReason::AuthFailed).to_string();
     assert!(msg.contains("wrong cluster secret"), "{msg}");
     assert!(p.server.session.is_none());
@@ -244,8 +244,11 @@ fn version_mismatch_is_reported_on_both_sides() {
     pre[7] = 2;
     p.inject_to_client(0, &pre);
     assert!(p.run_until(Duration::from_millis(100), |p| p.client.has(|e| matches!(e, Event::Failed(_)))));
-    assert!(p.client.has(|e| *e
-        == Event::Failed(SessionError::Handshake(HandshakeError::VersionMismatch { ours: 1, theirs: 2 }))));
+    assert!(
+        p.client
+            .has(|e| *e
+                == Event::Failed(SessionError::Handshake(HandshakeError::VersionMismatch { ours: 1, theirs: 2 })))
+    );
 
     // Server side: a client speaking version 2 gets our preamble and a reject.
     let secret = Secret::generate();
@@ -280,4 +283,18 @@ fn accept_survives_garbage_of_every_shape() {
         assert!(matches!(outcome, Some(Err(_))), "case {case}: {outcome:?}");
     }
     valid.clear();
+}
+
+#[test]
+fn tampered_msg2_fails_the_client_handshake() {
+    let mut p = Pair::new(Config::default());
+    // Let msg1 reach the server and msg2 get on its way, then flip a bit in it.
+    p.run_until(Duration::from_millis(15), |p| !p.wires[0].server_wrote.is_empty());
+    assert!(p.flip_bit_to_client(0, 20));
+    assert!(p.run_until(Duration::from_secs(1), |p| p.client.has(|e| matches!(e, Event::Failed(_)))));
+    assert!(p.client.has(|e| *e == Event::Failed(SessionError::Handshake(HandshakeError::AuthFailed))));
+    // The server's unconfirmed session never gets established and goes away by itself.
+    p.run_for(Config::default().confirm_timeout);
+    assert!(!p.server.has(|e| matches!(e, Event::Established { .. })));
+    assert_eq!(p.srv().state(), State::Failed);
 }

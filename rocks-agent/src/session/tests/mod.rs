@@ -4,4 +4,5 @@
 
 mod basic;
 mod pair;
+mod random;
 mod resume;

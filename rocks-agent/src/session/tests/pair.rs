@@ -25,6 +25,8 @@ pub(crate) enum ServerEnd {
     Connecting,
     Accept(Box<Accept>),
     Session(TransportId),
+    /// A session created by a replayed `Open` (index into `Pair::rogues`).
+    Rogue(usize, TransportId),
     Closed,
 }
 
@@ -53,6 +55,9 @@ pub(crate) struct Wire {
     /// The client's TCP connect completes at this time.
     connect_at: Option<Instant>,
     pub client_open: bool,
+    /// When each direction's link is free again (serialization at `Pair::bandwidth`).
+    to_server_free: Option<Instant>,
+    to_client_free: Option<Instant>,
     /// Every byte the client ever wrote on it (for replay injection).
     pub client_wrote: Vec<u8>,
     pub server_wrote: Vec<u8>,
@@ -68,11 +73,12 @@ impl Wire {
             black_hole: false,
             connect_at: None,
             client_open: true,
+            to_server_free: None,
+            to_client_free: None,
             client_wrote: Vec::new(),
             server_wrote: Vec::new(),
         }
     }
-
 }
 
 /// One agent plus its app, as seen by the harness.
@@ -92,6 +98,8 @@ pub(crate) struct Side {
     pub reading: bool,
     /// Max bytes per `send` call (random chunking of app writes).
     pub write_chunk: usize,
+    /// How much had been received when `PeerFinished` came (must be everything).
+    pub received_at_fin: Option<usize>,
 }
 
 impl Side {
@@ -116,7 +124,6 @@ pub(crate) struct Pair {
     pub start: Instant,
     pub now: Instant,
     pub latency: Duration,
-    pub client_config: Config,
     pub server_config: Config,
     pub server_secret: Secret,
     pub client: Side,
@@ -133,8 +140,38 @@ pub(crate) struct Pair {
     /// Split deliveries into random pieces (any chunking must work).
     pub rng: StdRng,
     pub random_chunks: bool,
-    /// Every transmit the client emitted on each transport (checked against the window).
+    /// Transmits the client emitted.
     pub transmits: u64,
+    /// Bytes per second per direction and transport (None: unlimited).
+    pub bandwidth: Option<u64>,
+    /// Server sessions created by replayed `Open` messages, with their events. They must
+    /// never become established.
+    pub rogues: Vec<(Session, Vec<Event>)>,
+}
+
+/// With a bandwidth limit, a write travels as segments, each arriving when it is through
+/// (so the first bytes of a big write arrive first, as with TCP).
+fn segments(mut data: Bytes, bandwidth: Option<u64>) -> Vec<Bytes> {
+    const SEGMENT: usize = 4096;
+    if bandwidth.is_none() {
+        return vec![data];
+    }
+    let mut out = Vec::new();
+    while data.len() > SEGMENT {
+        out.push(data.split_to(SEGMENT));
+    }
+    out.push(data);
+    out
+}
+
+/// When bytes written now arrive: after queueing behind earlier bytes at `bandwidth`, plus
+/// the latency.
+fn arrival(now: Instant, len: usize, latency: Duration, bandwidth: Option<u64>, free: &mut Option<Instant>) -> Instant {
+    let Some(bw) = bandwidth else { return now + latency };
+    let start = free.map_or(now, |f| f.max(now));
+    let done = start + Duration::from_nanos(len as u64 * 1_000_000_000 / bw.max(1));
+    *free = Some(done);
+    done + latency
 }
 
 impl Pair {
@@ -147,10 +184,16 @@ impl Pair {
     }
 
     /// A pair whose client has already connected its first transport (handshake not run).
-    pub fn with_secrets(client_config: Config, server_config: Config, client_secret: Secret, server_secret: Secret, seed: u64) -> Pair {
+    pub fn with_secrets(
+        client_config: Config,
+        server_config: Config,
+        client_secret: Secret,
+        server_secret: Secret,
+        seed: u64,
+    ) -> Pair {
         let start = Instant::now();
         let dst: SocketAddr = DST.parse().unwrap();
-        let session = Session::connect(start, client_config.clone(), &client_secret, dst);
+        let session = Session::connect(start, client_config, &client_secret, dst);
         let first = session.first_transport();
         let accept = Accept::new(start, server_config.clone(), &server_secret);
         let mut client = Side::new();
@@ -159,7 +202,6 @@ impl Pair {
             start,
             now: start,
             latency: Duration::from_millis(10),
-            client_config,
             server_config,
             server_secret,
             client,
@@ -172,6 +214,8 @@ impl Pair {
             rng: StdRng::seed_from_u64(seed),
             random_chunks: false,
             transmits: 0,
+            bandwidth: None,
+            rogues: Vec::new(),
         }
     }
 
@@ -241,7 +285,8 @@ impl Pair {
     /// Flips one bit in the next bytes in flight towards the client (if any). Returns whether
     /// something was corrupted.
     pub fn flip_bit_to_client(&mut self, wire: usize, index: usize) -> bool {
-        let Some(Packet::Data(_, data)) = self.wires[wire].to_client.iter_mut().find(|p| matches!(p, Packet::Data(..))) else {
+        let Some(Packet::Data(_, data)) = self.wires[wire].to_client.iter_mut().find(|p| matches!(p, Packet::Data(..)))
+        else {
             return false;
         };
         if data.is_empty() {
@@ -255,7 +300,8 @@ impl Pair {
     }
 
     pub fn flip_bit_to_server(&mut self, wire: usize, index: usize) -> bool {
-        let Some(Packet::Data(_, data)) = self.wires[wire].to_server.iter_mut().find(|p| matches!(p, Packet::Data(..))) else {
+        let Some(Packet::Data(_, data)) = self.wires[wire].to_server.iter_mut().find(|p| matches!(p, Packet::Data(..)))
+        else {
             return false;
         };
         if data.is_empty() {
@@ -292,6 +338,7 @@ impl Pair {
                     s.transport_lost(now, t);
                 }
             }
+            ServerEnd::Rogue(i, t) => self.rogues[i].0.transport_lost(now, t),
             ServerEnd::Connecting | ServerEnd::Closed => {}
         }
     }
@@ -354,19 +401,41 @@ impl Pair {
                 assert!(w.client_open, "client wrote to {transport} after closing it; events {:?}", self.client.events);
                 w.client_wrote.extend_from_slice(&data);
                 if !w.black_hole && !self.net_down {
-                    w.to_server.push_back(Packet::Data(at, data));
+                    for seg in segments(data, self.bandwidth) {
+                        let at = arrival(now, seg.len(), self.latency, self.bandwidth, &mut w.to_server_free);
+                        w.to_server.push_back(Packet::Data(at, seg));
+                    }
                 }
             }
         }
         if let Some(s) = self.server.session.as_mut() {
             while let Some(Transmit { transport, data }) = s.poll_transmit(now) {
                 progress = true;
-                let Some(w) = self.wires.iter_mut().find(|w| matches!(w.server, ServerEnd::Session(t) if t == transport)) else {
+                let Some(w) =
+                    self.wires.iter_mut().find(|w| matches!(w.server, ServerEnd::Session(t) if t == transport))
+                else {
                     // A refusal for an attempt whose wire the harness already closed.
                     continue;
                 };
                 w.server_wrote.extend_from_slice(&data);
                 if !w.black_hole && !self.net_down {
+                    for seg in segments(data, self.bandwidth) {
+                        let at = arrival(now, seg.len(), self.latency, self.bandwidth, &mut w.to_client_free);
+                        w.to_client.push_back(Packet::Data(at, seg));
+                    }
+                }
+            }
+        }
+        for (r, (s, _)) in self.rogues.iter_mut().enumerate() {
+            while let Some(Transmit { transport, data }) = s.poll_transmit(now) {
+                progress = true;
+                if let Some(w) = self
+                    .wires
+                    .iter_mut()
+                    .find(|w| matches!(w.server, ServerEnd::Rogue(x, t) if x == r && t == transport))
+                    && !w.black_hole
+                    && !self.net_down
+                {
                     w.to_client.push_back(Packet::Data(at, data));
                 }
             }
@@ -409,6 +478,7 @@ impl Pair {
                     w.connect_at = Some(now + self.latency * 2);
                     self.wires.push(w);
                 }
+                Event::PeerFinished => self.client.received_at_fin = Some(self.client.received.len()),
                 _ => {}
             }
             self.client.events.push((now, e));
@@ -416,14 +486,39 @@ impl Pair {
         while let Some(e) = self.server.session.as_mut().and_then(Session::poll_event) {
             progress = true;
             if let Event::TransportClosed { transport, .. } = &e
-                && let Some(w) = self.wires.iter_mut().find(|w| matches!(w.server, ServerEnd::Session(t) if t == *transport))
+                && let Some(w) =
+                    self.wires.iter_mut().find(|w| matches!(w.server, ServerEnd::Session(t) if t == *transport))
             {
                 w.server = ServerEnd::Closed;
                 if !w.black_hole && !self.net_down {
                     w.to_client.push_back(Packet::Eof(at));
                 }
             }
+            if e == Event::PeerFinished {
+                self.server.received_at_fin = Some(self.server.received.len());
+            }
+            if let Event::Established { .. } = e {
+                // Only now does the server driver connect to the destination.
+                let answer = self.open_answer;
+                self.server.events.push((now, e));
+                self.srv().open_result(answer);
+                continue;
+            }
             self.server.events.push((now, e));
+        }
+        for (r, (s, events)) in self.rogues.iter_mut().enumerate() {
+            while let Some(e) = s.poll_event() {
+                progress = true;
+                if let Event::TransportClosed { transport, .. } = &e
+                    && let Some(w) = self
+                        .wires
+                        .iter_mut()
+                        .find(|w| matches!(w.server, ServerEnd::Rogue(x, t) if x == r && t == *transport))
+                {
+                    w.server = ServerEnd::Closed;
+                }
+                events.push(e);
+            }
         }
         progress
     }
@@ -452,11 +547,13 @@ impl Pair {
             Some(Ok(Accepted::New { session, dst })) => {
                 assert_eq!(dst, DST.parse().unwrap());
                 let t = session.first_transport();
-                assert!(self.server.session.is_none(), "one session per pair");
-                self.server.session = Some(session);
-                self.wires[wire].server = ServerEnd::Session(t);
-                let answer = self.open_answer;
-                self.srv().open_result(answer);
+                if self.server.session.is_none() && wire == 0 {
+                    self.server.session = Some(session);
+                    self.wires[wire].server = ServerEnd::Session(t);
+                } else {
+                    self.rogues.push((session, Vec::new()));
+                    self.wires[wire].server = ServerEnd::Rogue(self.rogues.len() - 1, t);
+                }
             }
             Some(Ok(Accepted::Resume { session_id, attempt })) => match self.server.session.as_mut() {
                 Some(s) if s.id() == Some(session_id) => {
@@ -494,6 +591,9 @@ impl Pair {
         }
         consider(self.client.session.as_ref().and_then(Session::poll_timeout));
         consider(self.server.session.as_ref().and_then(Session::poll_timeout));
+        for (s, _) in &self.rogues {
+            consider(s.poll_timeout());
+        }
         next
     }
 
@@ -573,7 +673,9 @@ impl Pair {
                 && a.poll_timeout().is_some_and(|t| t <= now)
             {
                 a.handle_timeout(now);
-                let ServerEnd::Accept(a) = std::mem::replace(&mut self.wires[i].server, ServerEnd::Closed) else { unreachable!() };
+                let ServerEnd::Accept(a) = std::mem::replace(&mut self.wires[i].server, ServerEnd::Closed) else {
+                    unreachable!()
+                };
                 self.poll_accept(i, a);
             }
         }
@@ -581,6 +683,11 @@ impl Pair {
             if let Some(s) = side.session.as_mut()
                 && s.poll_timeout().is_some_and(|t| t <= now)
             {
+                s.handle_timeout(now);
+            }
+        }
+        for (s, _) in &mut self.rogues {
+            if s.poll_timeout().is_some_and(|t| t <= now) {
                 s.handle_timeout(now);
             }
         }
@@ -597,6 +704,10 @@ impl Pair {
             ServerEnd::Session(t) => {
                 self.wires[wire].server = ServerEnd::Session(t);
                 self.srv().handle_input(now, t, bytes);
+            }
+            ServerEnd::Rogue(i, t) => {
+                self.wires[wire].server = ServerEnd::Rogue(i, t);
+                self.rogues[i].0.handle_input(now, t, bytes);
             }
             other => self.wires[wire].server = other,
         }
@@ -629,6 +740,10 @@ impl Pair {
         let ok = self.run_until(Duration::from_secs(1), |p| {
             p.client.has(|e| matches!(e, Event::Opened)) && p.server.session.is_some()
         });
-        assert!(ok, "connect failed: client {:?} server {:?} accept {:?}", self.client.events, self.server.events, self.accept_errors);
+        assert!(
+            ok,
+            "connect failed: client {:?} server {:?} accept {:?}",
+            self.client.events, self.server.events, self.accept_errors
+        );
     }
 }

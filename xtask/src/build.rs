@@ -1,7 +1,7 @@
 //! `cargo xtask build`: the agent (whose build script compiles the eBPF programs with the
 //! nightly toolchain and bpf-linker) and the binaries the end-to-end tests run.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result};
 
@@ -26,11 +26,16 @@ pub fn run(options: Options) -> Result<()> {
 /// `cargo build` of the agent and the e2e binaries, in one invocation so cargo resolves
 /// features once for both.
 pub fn build(release: bool) -> Result<()> {
+    exec::run(&mut build_command(release))
+}
+
+/// The `cargo build` command line [`build`] runs, for callers that run it their own way.
+pub fn build_command(release: bool) -> Command {
     let mut cmd = exec::command("cargo build --package rocks-agent --package rocks-e2e --bins");
     if release {
         cmd.arg("--release");
     }
-    exec::run(&mut cmd)
+    cmd
 }
 
 /// Absolute path of the `rocks-agent` binary that [`build`] produces.

@@ -47,6 +47,12 @@ pub fn stdout(cmd: &mut Command) -> Result<String> {
     String::from_utf8(output.stdout).with_context(|| format!("`{shown}` printed non-UTF-8 output"))
 }
 
+/// `cmd` as a shell line that can be pasted back into a shell, for commands a caller prints
+/// itself (the demo prints them only with `--verbose`).
+pub fn shown(cmd: &Command) -> String {
+    Shown(cmd).to_string()
+}
+
 /// Like [`stdout`], for probes where "not installed" or "failed" just means absent.
 pub fn probe(cmd: &mut Command) -> Option<String> {
     stdout(cmd).ok()

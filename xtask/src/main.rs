@@ -35,6 +35,7 @@ subcommands! {
     Setup => setup,
     Build => build,
     Test => test,
+    Demo => demo,
 }
 
 /// Project tasks for rocks.

@@ -11,7 +11,7 @@ use std::{
 
 use tokio::{
     net::TcpListener,
-    sync::{broadcast, mpsc},
+    sync::{broadcast, mpsc, watch},
     task::JoinSet,
 };
 use tracing::{info, warn};
@@ -36,6 +36,8 @@ pub struct Shared {
     pub sessions: Mutex<HashMap<SessionId, mpsc::Sender<ResumeOffer>>>,
     /// Fires on network address and route changes (client sessions resume at once).
     pub path_changes: Option<broadcast::Sender<()>>,
+    /// Turns true when the agent stops: every connection resets both ends and ends.
+    pub stopping: watch::Sender<bool>,
     pub registry: Arc<Registry>,
     pub redirector: Option<Arc<Redirector>>,
     pub peer_port: u16,
@@ -149,6 +151,7 @@ pub async fn attach(args: cli::AttachArgs, shutdown: impl Future<Output = ()>) -
         session_config: session_config(&args.common),
         sessions: Mutex::new(HashMap::new()),
         path_changes,
+        stopping: watch::Sender::new(false),
         registry: Arc::new(Registry::default()),
         redirector: Some(redirector.clone()),
         peer_port: args.peer_port,
@@ -179,21 +182,38 @@ pub async fn attach(args: cli::AttachArgs, shutdown: impl Future<Output = ()>) -
     }
     shutdown.await;
 
-    // Stop redirecting first, so no new connection lands on a listener about to close; then
-    // detach by dropping the last reference to the programs.
-    drop(tasks);
-    drop(shared);
-    finish_detach(redirector, &args.common.run_dir).await;
-    Ok(())
-}
-
-async fn finish_detach(redirector: Arc<Redirector>, run_dir: &std::path::Path) {
+    // Detach first, so new connects go direct instead of landing on a listener about to close.
     // Connection tasks may still hold the redirector for map lookups, so detaching is explicit
     // rather than left to the last drop.
     redirector.detach();
-    let _ = std::fs::remove_file(run_dir.join(control::SOCKET_NAME));
+    drop(tasks);
+    end_connections(&shared).await;
+    let _ = std::fs::remove_file(args.common.run_dir.join(control::SOCKET_NAME));
     info!("detached; exiting");
+    Ok(())
 }
+
+/// Connections cannot outlive the agent that carries them: each resets both ends (the local
+/// socket here, and through the session the far end's), so no application mistakes the cut
+/// for a complete transfer. Bounded, so a peer that does not answer cannot hold up the exit.
+async fn end_connections(shared: &Shared) {
+    let open = shared.registry.connections().len();
+    let _ = shared.stopping.send(true);
+    if open > 0 {
+        info!(connections = open, "resetting the connections this agent carries");
+    }
+    let deadline = tokio::time::Instant::now() + STOP_BOUND;
+    while shared.registry.live_tasks() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = shared.registry.live_tasks();
+    if left > 0 {
+        warn!(connections = left, "connections still ending after {STOP_BOUND:?}; exiting anyway");
+    }
+}
+
+/// How long stopping waits for connections to tell their peers.
+const STOP_BOUND: Duration = Duration::from_secs(3);
 
 /// `rocks-agent serve`: the peer side only.
 pub async fn serve(args: cli::CommonArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -205,6 +225,7 @@ pub async fn serve(args: cli::CommonArgs, shutdown: impl Future<Output = ()>) ->
         session_config: session_config(&args),
         sessions: Mutex::new(HashMap::new()),
         path_changes: None,
+        stopping: watch::Sender::new(false),
         registry: Arc::new(Registry::default()),
         redirector: None,
         peer_port: args.listen.port(),
@@ -217,9 +238,10 @@ pub async fn serve(args: cli::CommonArgs, shutdown: impl Future<Output = ()>) ->
     info!(listen = %args.listen, "rocks agent serving peers");
     let mut tasks = JoinSet::new();
     tasks.spawn(control::serve(control_listener, status));
-    tasks.spawn(accept_peers(peer_listener, shared));
+    tasks.spawn(accept_peers(peer_listener, shared.clone()));
     shutdown.await;
     drop(tasks);
+    end_connections(&shared).await;
     let _ = std::fs::remove_file(args.run_dir.join(control::SOCKET_NAME));
     info!("exiting");
     Ok(())

@@ -114,6 +114,8 @@ pub struct CountersSnapshot {
 #[derive(Default)]
 pub struct Registry {
     next_id: AtomicU64,
+    /// Guards alive, retired ones included: connection tasks still running.
+    live: AtomicU64,
     entries: Mutex<BTreeMap<u64, Arc<Entry>>>,
     pub counters: Counters,
 }
@@ -133,6 +135,7 @@ impl EntryGuard {
 
 impl Drop for EntryGuard {
     fn drop(&mut self) {
+        self.registry.live.fetch_sub(1, Relaxed);
         self.registry.entries.lock().expect("registry lock").remove(&self.entry.id);
     }
 }
@@ -147,6 +150,10 @@ impl std::ops::Deref for EntryGuard {
 impl Registry {
     pub fn register(self: &Arc<Self>, role: Role, peer: SocketAddr, destination: SocketAddr) -> EntryGuard {
         let id = self.next_id.fetch_add(1, Relaxed) + 1;
+        self.live.fetch_add(1, Relaxed);
+        // One spelling per address: a dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
+        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        let (peer, destination) = (canonical(peer), canonical(destination));
         let entry = Arc::new(Entry {
             id,
             role,
@@ -188,6 +195,11 @@ impl Registry {
                 }
             })
             .collect()
+    }
+
+    /// Connection tasks still running (including server sessions lingering after a close).
+    pub fn live_tasks(&self) -> u64 {
+        self.live.load(Relaxed)
     }
 
     pub fn counters(&self) -> CountersSnapshot {

@@ -36,6 +36,7 @@ subcommands! {
     Build => build,
     Test => test,
     Demo => demo,
+    VmTest => vm_test,
 }
 
 /// Project tasks for rocks.

@@ -51,7 +51,8 @@ pub async fn handle(shared: Arc<Shared>, app: TcpStream, app_addr: SocketAddr) {
                 connect_timeout: shared.session_config.handshake_timeout,
                 path_changes: shared.path_changes.as_ref().map(|tx| tx.subscribe()),
             };
-            let ending = driver::run(session, transport, driver::Local::Connected(app), side, &entry).await;
+            let ending =
+                driver::run(session, transport, driver::Local::Connected(app), side, &entry, shared.stopping.subscribe()).await;
             log_ending(&entry, &ending);
         }
         Err(EstablishError::Open(OpenError::NotAllowed)) => {
@@ -77,6 +78,7 @@ fn log_ending(entry: &EntryGuard, ending: &Ending) {
         Ending::Event(Event::Closed) => info!(id = entry.id, "kept connection closed"),
         Ending::Event(Event::PeerReset { code }) => info!(id = entry.id, code, "kept connection reset by the peer"),
         Ending::Event(Event::Expired) => warn!(id = entry.id, "peer unreachable for longer than --keep-for; connection closed"),
+        Ending::Stopped => info!(id = entry.id, "kept connection reset: the agent is stopping"),
         other => warn!(id = entry.id, ending = ?other, "kept connection ended"),
     }
 }
@@ -95,7 +97,7 @@ async fn fall_back(shared: &Shared, app: TcpStream, dst: SocketAddr, entry: &Ent
     match net::connect_marked(dst, shared.dial_timeout).await {
         Ok(direct) => {
             entry.set_state("relaying");
-            let _ = super::plain::relay(app, direct, entry).await;
+            let _ = super::plain::relay(app, direct, entry, shared.stopping.subscribe()).await;
         }
         Err(e) => {
             warn!(id = entry.id, %dst, error = %e, "destination unreachable; resetting the application connection");

@@ -22,7 +22,7 @@ use tokio::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
-    sync::{broadcast, mpsc},
+    sync::{broadcast, mpsc, watch},
     task::JoinHandle,
     time::Instant,
 };
@@ -65,6 +65,9 @@ pub enum Local {
     Dial { dst: SocketAddr, timeout: Duration, allowed: bool },
 }
 
+/// The reset code a session carries to the peer when this agent stops.
+pub const RESET_AGENT_STOPPING: u32 = 2;
+
 /// How long a server session that closed normally stays reachable for a late resume, so a
 /// client whose last frames were lost learns that everything arrived (like TCP's TIME_WAIT).
 const SERVER_LINGER: Duration = Duration::from_secs(60);
@@ -74,8 +77,8 @@ const SERVER_LINGER: Duration = Duration::from_secs(60);
 pub enum Ending {
     /// Ended by a terminal event of the core.
     Event(Event),
-    /// The local socket failed in a way the core was told about as a reset.
-    LocalError(io::Error),
+    /// The agent stopped: both ends were reset.
+    Stopped,
 }
 
 enum Inbound {
@@ -159,6 +162,7 @@ pub async fn run(
     local: Local,
     mut side: Side,
     entry: &EntryGuard,
+    mut stopping: watch::Receiver<bool>,
 ) -> Ending {
     let (mut local, mut dial) = match local {
         Local::Connected(stream) => (Some(stream), None),
@@ -175,8 +179,24 @@ pub async fn run(
     let mut local_write_done = false;
     let mut read_buf = vec![0u8; READ_CHUNK];
     let mut ending: Option<Ending> = None;
+    // Set once we reset the session ourselves: the local socket is then closed abortively.
+    let mut reset_by_us = false;
+    let mut stopped = false;
 
     loop {
+        if !stopped && *stopping.borrow_and_update() {
+            // The agent stops: tell the peer (its side resets too) and reset ours now, without
+            // waiting for the transport: the session cannot outlive this process.
+            stopped = true;
+            reset_by_us = true;
+            session.reset(RESET_AGENT_STOPPING);
+            if let Some(l) = local.take() {
+                net::abort(l);
+            }
+            local_out.clear();
+            local_out_bytes = 0;
+            dial = None;
+        }
         let now = Instant::now().into_std();
         flush_transmits(&mut session, &transports, now);
         // Take received bytes while the local socket can absorb them.
@@ -252,7 +272,7 @@ pub async fn run(
             // Flush what the core still queued; the transports close gracefully.
             flush_transmits(&mut session, &transports, now);
             match (&ending, local.take()) {
-                (Ending::Event(Event::Closed), Some(mut local)) => {
+                (Ending::Event(Event::Closed), Some(mut local)) if !reset_by_us => {
                     // Deliver what is left, then close normally.
                     for chunk in local_out.drain(..) {
                         if local.write_all(&chunk).await.is_err() {
@@ -264,14 +284,14 @@ pub async fn run(
                 (_, Some(local)) => net::abort(local),
                 (_, None) => {}
             }
-            if matches!(ending, Ending::Event(Event::Closed)) && matches!(side, Side::Server { .. }) {
+            if !stopped && matches!(ending, Ending::Event(Event::Closed)) && matches!(side, Side::Server { .. }) {
                 entry.retire();
-                linger(&mut session, &mut transports, &mut inbound, &inbound_tx, &mut side).await;
+                linger(&mut session, &mut transports, &mut inbound, &inbound_tx, &mut side, &mut stopping).await;
             }
             for (_, tr) in transports.drain() {
                 tr.close();
             }
-            return ending;
+            return if stopped { Ending::Stopped } else { ending };
         }
 
         // Half-close toward the local socket once everything before the peer's fin is out.
@@ -339,6 +359,7 @@ pub async fn run(
                         Err(e) => {
                             warn!(id = entry.id, error = %e, "local socket failed; resetting the session");
                             session.reset(1);
+                            reset_by_us = true;
                             local_read_done = true;
                         }
                     }
@@ -349,6 +370,7 @@ pub async fn run(
                     if let Err(e) = write_some(l, &mut local_out, &mut local_out_bytes) {
                         warn!(id = entry.id, error = %e, "writing to the local socket failed; resetting the session");
                         session.reset(1);
+                        reset_by_us = true;
                         local_out.clear();
                         local_out_bytes = 0;
                         local_read_done = true;
@@ -358,6 +380,8 @@ pub async fn run(
             _ = sleep_until(timer), if timer.is_some() => {
                 session.handle_timeout(Instant::now().into_std());
             }
+            // Only wakes the loop; the check at its top acts on it.
+            _ = stopping.changed(), if !stopped => {}
         }
     }
 }
@@ -379,6 +403,7 @@ async fn linger(
     inbound: &mut mpsc::Receiver<Inbound>,
     inbound_tx: &mpsc::Sender<Inbound>,
     side: &mut Side,
+    stopping: &mut watch::Receiver<bool>,
 ) {
     let deadline = Instant::now() + SERVER_LINGER;
     loop {
@@ -394,6 +419,7 @@ async fn linger(
         let timer = session.poll_timeout().map(Instant::from_std);
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return,
+            _ = stopping.changed() => return,
             Some(msg) = inbound.recv() => match msg {
                 Inbound::Data(t, bytes) => session.handle_input(Instant::now().into_std(), t, &bytes),
                 Inbound::Lost(t) => session.transport_lost(Instant::now().into_std(), t),

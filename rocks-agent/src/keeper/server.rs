@@ -101,7 +101,7 @@ async fn open(shared: Arc<Shared>, stream: TcpStream, from: SocketAddr, session:
     shared.sessions.lock().expect("sessions lock").insert(id, tx);
     info!(id = entry.id, session = %id, peer = %from, %dst, "serving a kept connection");
     let local = Local::Dial { dst, timeout: shared.dial_timeout, allowed };
-    let ending = driver::run(session, stream, local, Side::Server { resumes: rx }, &entry).await;
+    let ending = driver::run(session, stream, local, Side::Server { resumes: rx }, &entry, shared.stopping.subscribe()).await;
     shared.sessions.lock().expect("sessions lock").remove(&id);
     match ending {
         Ending::Event(Event::Closed) => info!(id = entry.id, session = %id, peer = %from, %dst, "kept connection closed"),

@@ -12,6 +12,8 @@
 //! Most tests need root: start them with [`require_root`] (and [`require_tools`]), which fail
 //! loudly instead of passing silently.
 
+pub mod agent;
+pub mod bpf;
 pub mod cgroup;
 pub mod netns;
 pub mod require;
@@ -20,6 +22,7 @@ pub mod sshd;
 pub mod testpeer;
 pub mod util;
 
+pub use agent::{Agent, AgentSpec, ClusterSecret};
 pub use cgroup::TestCgroup;
 pub use netns::{Host, Topology};
 pub use require::{require_root, require_tools, which};

@@ -226,6 +226,10 @@ pub struct ClientReport {
     pub down_sha256: String,
     /// Time connect() took.
     pub connect_us: u64,
+    /// From before connect() until the server's response header (its first bytes) arrived:
+    /// the connection's setup time as the program feels it, whatever connect() returned.
+    #[serde(default)]
+    pub first_byte_us: u64,
     /// From before connect() to the final EOF.
     pub total_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]

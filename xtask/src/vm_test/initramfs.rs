@@ -196,7 +196,8 @@ impl<W: Write> Cpio<W> {
         self.write(&[0])?;
         self.pad()?;
         self.write(data)?;
-        self.pad()
+        self.pad()?;
+        Ok(())
     }
 
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {

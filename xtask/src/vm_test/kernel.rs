@@ -56,7 +56,6 @@ const MODULES: &[&str] = &["virtio_pci", "virtio_net"];
 
 /// A kernel ready to boot.
 pub struct Kernel {
-    pub series: Series,
     /// The Debian package it came from.
     pub package: String,
     /// `uname -r` in the guest.
@@ -85,7 +84,7 @@ pub fn prepare(series: Series, cache: &Path) -> Result<Kernel> {
         let deb = download(&package, &cache.join("debs"))?;
         unpack(&deb, &dir).with_context(|| format!("unpacking {}", deb.display()))?;
     }
-    load(series, package, &dir)
+    load(package, &dir)
 }
 
 /// The image package the series' metapackage depends on (`apt-cache depends`). Refreshes the
@@ -173,8 +172,13 @@ fn is_ready(dir: &Path) -> bool {
 /// (busybox depmod: the package ships no modules.dep), and keeps only `vmlinuz`, `release`,
 /// `modules/*.ko` and `load-order` in `dir`.
 fn unpack(deb: &Path, dir: &Path) -> Result<()> {
-    let scratch = dir.with_extension("extract");
-    let partial = dir.with_extension("partial");
+    // Not with_extension: package names have dots ("linux-image-6.1.0-56-amd64").
+    let sibling = |suffix: &str| {
+        let mut name = dir.file_name().unwrap_or_default().to_owned();
+        name.push(suffix);
+        dir.with_file_name(name)
+    };
+    let (scratch, partial) = (sibling(".extract"), sibling(".partial"));
     for d in [&scratch, &partial, dir] {
         remove_dir_if_exists(d)?;
     }
@@ -232,7 +236,7 @@ fn unpack(deb: &Path, dir: &Path) -> Result<()> {
     remove_dir_if_exists(&scratch)
 }
 
-fn load(series: Series, package: String, dir: &Path) -> Result<Kernel> {
+fn load(package: String, dir: &Path) -> Result<Kernel> {
     let read = |name: &str| {
         fs::read_to_string(dir.join(name)).with_context(|| format!("reading {}", dir.join(name).display()))
     };
@@ -243,7 +247,6 @@ fn load(series: Series, package: String, dir: &Path) -> Result<Kernel> {
         .map(|name| dir.join("modules").join(name))
         .collect();
     Ok(Kernel {
-        series,
         package,
         release,
         vmlinuz: dir.join("vmlinuz"),

@@ -131,7 +131,7 @@ pub fn run(plan: &Plan) -> Result<KernelRun> {
                 format!("watchdog: the client VM printed nothing for {} s", SILENCE_LIMIT.as_secs()),
             ));
         }
-        if let Some(at) = link_up_at.filter(|at| now >= *at) {
+        if link_up_at.is_some_and(|at| now >= at) {
             link_up_at = None;
             set_link(&vms[1], true)?;
             println!("  {} host: link up again", plan.label);

@@ -392,6 +392,7 @@ fn client(args: &ClientArgs) -> Result<()> {
 }
 
 fn run_client(args: &ClientArgs, rep: &mut ClientReport) -> Result<()> {
+    let start = Instant::now();
     let (mut stream, took) = connect(&args.conn)?;
     rep.connect_us = took.as_micros() as u64;
     // Recorded at once: what the program believes it is connected to.
@@ -426,6 +427,7 @@ fn run_client(args: &ClientArgs, rep: &mut ClientReport) -> Result<()> {
     let down = (|| -> Result<(Received, [u8; TRAILER_LEN])> {
         rep.server_saw_peer =
             read_response_header(&mut stream).context("reading the response header")?;
+        rep.first_byte_us = start.elapsed().as_micros() as u64;
         let pattern = Pattern::new(req.seed, Direction::Down);
         let got = receive(&mut stream, req.down_len, pattern, pause, &received)
             .context("receiving the download")?;

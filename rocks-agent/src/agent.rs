@@ -21,7 +21,7 @@ use crate::{
     control::{self, StatusReport, StatusSource},
     kernel,
     keeper::{self, driver::ResumeOffer},
-    listen, netwatch, privileges,
+    listen, metrics, netwatch, privileges,
     redirect::{RedirectOptions, Redirector},
     registry::Registry,
     secret::{self, Secret},
@@ -85,7 +85,9 @@ pub async fn shutdown_signal() {
     }
 }
 
-fn load_secret(path: &std::path::Path) -> anyhow::Result<Secret> {
+fn load_secret(path: Option<&std::path::Path>) -> anyhow::Result<Secret> {
+    // `config::resolve_*` already refused an invocation without one; this is the backstop.
+    let path = path.ok_or(crate::config::ConfigError::MissingSecret)?;
     let secret = Secret::from_file(path)?;
     if let Some(warning) = secret::check_permissions(path) {
         warn!("{warning}");
@@ -105,7 +107,7 @@ fn bind_peer_listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 pub async fn attach(args: cli::AttachArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     // Everything that can be wrong with the invocation is checked before anything is bound or
     // loaded, so a bad call changes nothing on the host.
-    let secret = load_secret(&args.common.secret_file)?;
+    let secret = load_secret(args.common.secret_file.as_deref())?;
     let targets = args
         .cgroups
         .iter()
@@ -123,6 +125,7 @@ pub async fn attach(args: cli::AttachArgs, shutdown: impl Future<Output = ()>) -
 
     let peer_listener = bind_peer_listener(args.common.listen)?;
     let redirect_listeners = listen::redirect_listeners(args.redirect_port)?;
+    let metrics_listener = args.common.metrics.map(metrics::bind).transpose()?;
     let control_listener = control::bind(&args.common.run_dir).await?;
 
     let options = RedirectOptions {
@@ -175,7 +178,8 @@ pub async fn attach(args: cli::AttachArgs, shutdown: impl Future<Output = ()>) -
     );
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(control::serve(control_listener, status));
+    tasks.spawn(control::serve(control_listener, status.clone()));
+    spawn_metrics(&mut tasks, metrics_listener, status, &shared);
     tasks.spawn(accept_peers(peer_listener, shared.clone()));
     for listener in redirect_listeners {
         tasks.spawn(accept_apps(listener, shared.clone()));
@@ -186,7 +190,8 @@ pub async fn attach(args: cli::AttachArgs, shutdown: impl Future<Output = ()>) -
     // Connection tasks may still hold the redirector for map lookups, so detaching is explicit
     // rather than left to the last drop.
     redirector.detach();
-    drop(tasks);
+    // Stop accepting (the listeners close once their tasks are gone), then end what is open.
+    tasks.shutdown().await;
     end_connections(&shared).await;
     let _ = std::fs::remove_file(args.common.run_dir.join(control::SOCKET_NAME));
     info!("detached; exiting");
@@ -217,8 +222,9 @@ const STOP_BOUND: Duration = Duration::from_secs(3);
 
 /// `rocks-agent serve`: the peer side only.
 pub async fn serve(args: cli::CommonArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let secret = load_secret(&args.secret_file)?;
+    let secret = load_secret(args.secret_file.as_deref())?;
     let peer_listener = bind_peer_listener(args.listen)?;
+    let metrics_listener = args.metrics.map(metrics::bind).transpose()?;
     let control_listener = control::bind(&args.run_dir).await?;
     let shared = Arc::new(Shared {
         secret,
@@ -237,14 +243,25 @@ pub async fn serve(args: cli::CommonArgs, shutdown: impl Future<Output = ()>) ->
     let status = Arc::new(Status { shared: shared.clone(), mode: "serve", redirect_port: None, cgroups: Vec::new() });
     info!(listen = %args.listen, "rocks agent serving peers");
     let mut tasks = JoinSet::new();
-    tasks.spawn(control::serve(control_listener, status));
+    tasks.spawn(control::serve(control_listener, status.clone()));
+    spawn_metrics(&mut tasks, metrics_listener, status, &shared);
     tasks.spawn(accept_peers(peer_listener, shared.clone()));
     shutdown.await;
-    drop(tasks);
+    tasks.shutdown().await;
     end_connections(&shared).await;
     let _ = std::fs::remove_file(args.run_dir.join(control::SOCKET_NAME));
     info!("exiting");
     Ok(())
+}
+
+/// Serves `--metrics` when it was asked for.
+fn spawn_metrics(tasks: &mut JoinSet<()>, listener: Option<TcpListener>, status: Arc<Status>, shared: &Shared) {
+    if let Some(listener) = listener {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "serving Prometheus metrics at /metrics");
+        }
+        tasks.spawn(metrics::serve(listener, status, shared.registry.clone()));
+    }
 }
 
 async fn accept_peers(listener: TcpListener, shared: Arc<Shared>) {

@@ -30,8 +30,9 @@ pub struct CommonArgs {
     #[arg(long, default_value = "[::]:4470", value_name = "ADDR:PORT")]
     pub listen: SocketAddr,
     /// The shared cluster secret (64 hex characters; `rocks-agent keygen` makes one).
-    #[arg(long, value_name = "FILE")]
-    pub secret_file: PathBuf,
+    /// Required, here or as `secret-file` in the --config file.
+    #[arg(long, value_name = "FILE", required_unless_present = "config")]
+    pub secret_file: Option<PathBuf>,
     /// Control socket and state. Agents in different network namespaces on one machine need
     /// one each.
     #[arg(long, default_value = "/run/rocks", value_name = "DIR")]
@@ -39,6 +40,13 @@ pub struct CommonArgs {
     /// How long a broken connection waits for its peer before it is closed.
     #[arg(long, default_value = "72h", value_parser = parse_duration, value_name = "DURATION")]
     pub keep_for: Duration,
+    /// A TOML file setting any of these options (keys are the long flag names: `keep-for =
+    /// "24h"`); flags given on the command line override it. See the README.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP at http://ADDR:PORT/metrics. Default: off.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -51,8 +59,9 @@ pub enum FastPath {
 
 #[derive(Debug, Args)]
 pub struct AttachArgs {
-    /// A cgroup v2 directory whose processes' connections are kept (repeatable).
-    #[arg(long = "cgroup", value_name = "PATH", required = true)]
+    /// A cgroup v2 directory whose processes' connections are kept (repeatable). Required,
+    /// here or as `cgroup = [...]` in the --config file.
+    #[arg(long = "cgroup", value_name = "PATH", required_unless_present = "config")]
     pub cgroups: Vec<PathBuf>,
     #[command(flatten)]
     pub common: CommonArgs,

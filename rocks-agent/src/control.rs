@@ -126,7 +126,9 @@ pub async fn query_status(run_dir: &Path) -> Result<StatusReport, ControlError> 
     serde_json::from_str(&reply).map_err(|e| bad(e.to_string()))
 }
 
-/// The `ss`-like table `status` prints without `--json`.
+/// The `ss`-like table `status` prints without `--json`: a header line, the counters, one row
+/// per connection (columns as wide as their widest value, so long IPv6 addresses stay
+/// aligned), then the hosts known to have no agent.
 pub fn render_table(report: &StatusReport) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -142,20 +144,69 @@ pub fn render_table(report: &StatusReport) -> String {
     let c = &report.counters;
     let _ = writeln!(
         out,
-        "accepted {}  kept {}  plain {}  handshake failures {}  peer sessions {}",
-        c.accepted, c.kept, c.plain_fallbacks, c.handshake_failures, c.peer_sessions
+        "accepted {}  kept {}  plain {}  handshake failures {}  peer sessions {}  refused targets {}",
+        c.accepted, c.kept, c.plain_fallbacks, c.handshake_failures, c.peer_sessions, c.refused_targets
     );
-    let _ = writeln!(
-        out,
-        "{:<5} {:<7} {:<7} {:<11} {:<28} {:<28} {:>12} {:>12} {:>10} {:>7} {:>6}",
-        "ID", "ROLE", "MODE", "STATE", "PEER", "DESTINATION", "SENT", "RECEIVED", "BUFFERED", "RESUMES", "AGE"
-    );
-    for r in &report.connections {
+    if let Some(k) = &report.kernel {
         let _ = writeln!(
             out,
-            "{:<5} {:<7} {:<7} {:<11} {:<28} {:<28} {:>12} {:>12} {:>10} {:>7} {:>5}s",
-            r.id, r.role, r.mode, r.state, r.peer, r.destination, r.bytes_sent, r.bytes_received, r.buffered, r.resumes, r.age_secs
+            "kernel: redirected {}  skipped (no agent {}, policy {}, agent's own {})  fast path {} msgs, {} misses{}",
+            k.redirected,
+            k.skipped_negative,
+            k.skipped_policy,
+            k.skipped_agent,
+            k.fast_path_msgs,
+            k.fast_path_misses,
+            if report.fast_path == Some(false) { " (off)" } else { "" }
         );
+    }
+    const HEADER: [&str; 12] =
+        ["ID", "ROLE", "MODE", "STATE", "PEER", "DESTINATION", "SENT", "RECEIVED", "BUFFERED", "RESUMES", "LAST-RESUME", "AGE"];
+    // Left-aligned text columns, right-aligned numbers.
+    const RIGHT: [bool; 12] = [false, false, false, false, false, false, true, true, true, true, true, true];
+    let rows: Vec<[String; 12]> = report
+        .connections
+        .iter()
+        .map(|r| {
+            [
+                r.id.to_string(),
+                r.role.clone(),
+                r.mode.clone(),
+                r.state.clone(),
+                r.peer.clone(),
+                r.destination.clone(),
+                r.bytes_sent.to_string(),
+                r.bytes_received.to_string(),
+                r.buffered.to_string(),
+                r.resumes.to_string(),
+                r.last_resume_ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms}ms")),
+                format!("{}s", r.age_secs),
+            ]
+        })
+        .collect();
+    let mut widths = HEADER.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: [&str; 12]| {
+        let mut l = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            let w = widths[i];
+            let _ = if RIGHT[i] { write!(l, "{cell:>w$}") } else { write!(l, "{cell:<w$}") };
+        }
+        l.trim_end().to_owned()
+    };
+    let _ = writeln!(out, "{}", line(HEADER));
+    for row in &rows {
+        let _ = writeln!(out, "{}", line(row.each_ref().map(String::as_str)));
+    }
+    if rows.is_empty() {
+        let _ = writeln!(out, "(no connections)");
     }
     if !report.negative_cache.is_empty() {
         let _ = writeln!(out, "hosts without an agent (not redirected):");
@@ -164,4 +215,67 @@ pub fn render_table(report: &StatusReport) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::ConnectionStatus;
+
+    fn row(id: u64, peer: &str, destination: &str) -> ConnectionStatus {
+        ConnectionStatus {
+            id,
+            role: "client".into(),
+            mode: "kept".into(),
+            state: "active".into(),
+            peer: peer.into(),
+            destination: destination.into(),
+            session_id: Some("be9f6c3309fbed1a233789b03e2e6476".into()),
+            bytes_sent: 123_456,
+            bytes_received: 7,
+            buffered: 0,
+            resumes: 1,
+            last_resume_ms: Some(42),
+            age_secs: 3,
+            started_unix: 1_700_000_000,
+        }
+    }
+
+    #[test]
+    fn table_columns_line_up_whatever_the_addresses() {
+        let report = StatusReport {
+            version: "0.1.0".into(),
+            pid: 7,
+            mode: "attach".into(),
+            listen: "[::]:4470".into(),
+            redirect_port: Some(4471),
+            cgroups: vec!["/sys/fs/cgroup/app".into()],
+            fast_path: Some(true),
+            connections: vec![
+                row(1, "127.0.0.1:40000", "192.0.2.2:22"),
+                row(22, "[::1]:40001", "[2001:db8:85a3:1111:2222:8a2e:370:7334]:65535"),
+            ],
+            negative_cache: vec![NegativeEntry { host: "192.0.2.9".parse().unwrap(), expires_in_secs: 60 }],
+            kernel: Some(KernelStats { redirected: 2, ..KernelStats::default() }),
+            counters: CountersSnapshot { accepted: 2, kept: 2, ..CountersSnapshot::default() },
+        };
+        let text = render_table(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("rocks-agent 0.1.0 pid 7 (attach), listening on [::]:4470, attached to /sys/fs/cgroup/app"));
+        assert!(lines[2].starts_with("kernel: redirected 2"), "{text}");
+        let header = lines[3];
+        assert!(header.starts_with("ID  ROLE"), "{text}");
+        // Every column starts where its header starts (left-aligned) or ends where it ends.
+        let dst_col = header.find("DESTINATION").unwrap();
+        let age_end = header.len();
+        for l in &lines[4..6] {
+            assert_eq!(l.len(), age_end, "{text}");
+            assert!(l[dst_col..].starts_with("192.0.2.2:22") || l[dst_col..].starts_with("[2001:db8"), "{text}");
+            assert!(l.ends_with("3s") && l.contains("42ms"), "{text}");
+        }
+        assert!(text.contains("hosts without an agent (not redirected):\n  192.0.2.9"), "{text}");
+
+        let empty = StatusReport { connections: vec![], negative_cache: vec![], kernel: None, ..report };
+        assert!(render_table(&empty).contains("(no connections)"));
+    }
 }

@@ -6,15 +6,19 @@
 //! - [`keeper`]: carrying each connection (client side, server side, plain fallback).
 //! - [`agent`]: putting it together for `attach` and `serve`.
 //! - [`control`]: the control socket and `status`.
+//! - [`config`]: the `--config` file.
+//! - [`metrics`]: the Prometheus endpoint (`--metrics`).
 
 pub mod agent;
 pub mod cgroup;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod duration;
 pub mod keeper;
 pub mod kernel;
 pub mod listen;
+pub mod metrics;
 pub mod net;
 pub mod netwatch;
 pub mod privileges;

@@ -1,12 +1,15 @@
 //! `rocks-agent`: a thin CLI over the library.
 use std::process::ExitCode;
 
-use clap::Parser as _;
-use rocks_agent::{agent, cli, control, secret::Secret};
+use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _};
+use rocks_agent::{agent, cli, config, control, secret::Secret};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    // The matches are kept beside the parsed options: `--config` needs to know which options
+    // were given on the command line (they override the file) and which are defaults.
+    let matches = cli::Cli::command().get_matches();
+    let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
@@ -18,7 +21,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    match runtime.block_on(run(cli.command, &matches)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rocks-agent: error: {e:#}");
@@ -27,10 +30,17 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: cli::Command) -> anyhow::Result<()> {
+async fn run(command: cli::Command, matches: &ArgMatches) -> anyhow::Result<()> {
+    let sub = |name| matches.subcommand_matches(name).expect("clap parsed this subcommand");
     match command {
-        cli::Command::Attach(args) => agent::attach(args, agent::shutdown_signal()).await,
-        cli::Command::Serve(args) => agent::serve(args, agent::shutdown_signal()).await,
+        cli::Command::Attach(mut args) => {
+            config::resolve_attach(&mut args, sub("attach"))?;
+            agent::attach(args, agent::shutdown_signal()).await
+        }
+        cli::Command::Serve(mut args) => {
+            config::resolve_serve(&mut args, sub("serve"))?;
+            agent::serve(args, agent::shutdown_signal()).await
+        }
         cli::Command::Status(args) => {
             let report = control::query_status(&args.run_dir).await?;
             if args.json {

@@ -23,7 +23,17 @@ fn set_mark(fd: &impl AsRawFd) -> io::Result<()> {
             std::mem::size_of::<u32>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    // SO_MARK needs CAP_NET_ADMIN. Only an unprivileged `serve` lacks it (`attach` refuses to
+    // start without it), and that agent attached no connect hooks that would have to skip
+    // this socket: go on unmarked rather than fail every connection it carries.
+    if e.raw_os_error() == Some(libc::EPERM) {
+        return Ok(());
+    }
+    Err(e)
 }
 
 /// Why an outbound connect did not produce a connection.

@@ -56,7 +56,7 @@ pub enum RedirectError {
 /// given, so "no flags" is what gives multi-mode coexistence with systemd, Cilium and others.
 const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
-const PRIVILEGE_HINT: &str = " (loading and attaching eBPF needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN)";
+const PRIVILEGE_HINT: &str = " (loading and attaching eBPF needs root, or CAP_BPF and CAP_NET_ADMIN)";
 
 fn privilege_hint(err: &(dyn std::error::Error + 'static)) -> &'static str {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);

@@ -43,6 +43,12 @@ run() {
     rc=0
     (. "$2") || rc=$?
     detail=$(cat "$DETAIL" 2>/dev/null)
+    # A scenario that failed half-way may leave a transfer running: not into the next one.
+    for pidfile in "$STATE"/transfer-*.pid; do
+        [ -e "$pidfile" ] || continue
+        kill -KILL "$(cat "$pidfile")" 2>/dev/null
+        rm -f "$pidfile"
+    done
     if [ "$rc" -eq 0 ]; then
         verdict=PASS
     else

@@ -74,10 +74,30 @@ transfer_start() {
     shift 2
     in_cgroup timeout "$_limit" rocks-testpeer client "$@" \
         >"$STATE/$_name.json" 2>"$STATE/$_name.err" &
-    echo $! >"$STATE/$_name.pid"
+    echo $! >"$STATE/transfer-$_name.pid"
 }
 
-transfer_running() { pid_alive "$(cat "$STATE/$1.pid")"; }
+transfer_running() { pid_alive "$(cat "$STATE/transfer-$1.pid")"; }
+
+transfer_wait() {
+    _rc=0
+    wait "$(cat "$STATE/transfer-$1.pid")" || _rc=$?
+    rm -f "$STATE/transfer-$1.pid"
+    _report=$(cat "$STATE/$1.json")
+    if [ "$_rc" -ne 0 ]; then
+        [ "$_rc" -ne 143 ] || fail "$1: rocks-testpeer client killed by its time limit; report: ${_report:-none}"
+        _err=$(echo "$_report" | json_str error)
+        _moved=
+        [ -z "$_report" ] ||
+            _moved=" after $(echo "$_report" | json_num up) bytes up, $(echo "$_report" | json_num down) down"
+        fail "$1: rocks-testpeer client failed (exit $_rc)$_moved: ${_err:-$(tail -n1 "$STATE/$1.err")}"
+    fi
+    echo "$_report" | grep -q '"up_sha256_match": *true' || fail "$1: upload sha256 mismatch"
+    echo "$_report" | grep -q '"down_sha256_match": *true' || fail "$1: download sha256 mismatch"
+}
+
+# The address the server application saw the connection come from, without the port.
+server_saw() { json_str server_saw_peer <"$STATE/$1.json" | sed 's/:[0-9]*$//; s/^\[//; s/\]$//'; }
 
 # True once the client agent's (only) kept connection has carried at least $1 bytes each way:
 # with `--pause-after $1` the application has then reached its pause.
@@ -95,19 +115,3 @@ last_suspension_ms() {
     grep "session resumed" "$AGENT_LOG" | grep "took_ms=" | tail -n1 |
         sed 's/.*took_ms=\([0-9]*\).*/\1/'
 }
-
-transfer_wait() {
-    _rc=0
-    wait "$(cat "$STATE/$1.pid")" || _rc=$?
-    _report=$(cat "$STATE/$1.json")
-    if [ "$_rc" -ne 0 ]; then
-        [ "$_rc" -ne 143 ] || fail "$1: rocks-testpeer client killed by its time limit; report: ${_report:-none}"
-        _err=$(echo "$_report" | json_str error)
-        fail "$1: rocks-testpeer client failed (exit $_rc): ${_err:-$(tail -n1 "$STATE/$1.err")}"
-    fi
-    echo "$_report" | grep -q '"up_sha256_match": *true' || fail "$1: upload sha256 mismatch"
-    echo "$_report" | grep -q '"down_sha256_match": *true' || fail "$1: download sha256 mismatch"
-}
-
-# The address the server application saw the connection come from, without the port.
-server_saw() { json_str server_saw_peer <"$STATE/$1.json" | sed 's/:[0-9]*$//; s/^\[//; s/\]$//'; }

@@ -46,7 +46,7 @@ pub fn agent_binary(release: bool) -> Result<PathBuf> {
 
 /// The workspace's target directory as cargo resolves it (CARGO_TARGET_DIR, config files,
 /// default): cargo knows, so ask it.
-fn target_dir() -> Result<PathBuf> {
+pub fn target_dir() -> Result<PathBuf> {
     let metadata = exec::stdout(&mut exec::command(
         "cargo metadata --format-version 1 --no-deps",
     ))?;

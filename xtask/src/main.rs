@@ -36,7 +36,9 @@ subcommands! {
     Build => build,
     Test => test,
     Demo => demo,
+    Bench => bench,
     VmTest => vm_test,
+    Image => image,
 }
 
 /// Project tasks for rocks.

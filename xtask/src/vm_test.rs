@@ -41,7 +41,7 @@ pub struct Options {
     #[arg(long = "scenario", value_name = "NAME")]
     scenarios: Vec<String>,
     /// Watchdog: give up on a kernel's VMs after this many seconds.
-    #[arg(long, default_value_t = 1200, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
     timeout: u64,
     /// Start every agent with `--keep-for DURATION`. Shorter than the 30 s outage (`1s`), the
     /// link-down scenario must fail: the way to see that a broken agent is caught.
@@ -61,10 +61,16 @@ pub fn run(options: Options) -> Result<()> {
     let started = Instant::now();
     let root = workspace_root();
     let scripts = root.join("tests/vm");
-    let all: Vec<String> = scenario_files(&scripts)?.into_iter().map(|(name, _)| name).collect();
+    let all: Vec<String> = scenario_files(&scripts)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
     for name in &options.scenarios {
         if !all.contains(name) {
-            bail!("no scenario {name} in tests/vm/scenarios (there are: {})", all.join(", "));
+            bail!(
+                "no scenario {name} in tests/vm/scenarios (there are: {})",
+                all.join(", ")
+            );
         }
     }
     // The table and the missing-verdict check follow the client's order, whatever the flags'.
@@ -94,68 +100,38 @@ pub fn run(options: Options) -> Result<()> {
     let mut columns = Vec::new();
     for series in kernels {
         println!("vm-test: kernel {}", series.name());
-        let column = match run_kernel(series, &options, &payload, &cache, &work, &selected) {
-            Ok((label, run)) => Column { label, run: Ok(run) },
-            Err(e) => {
-                println!("vm-test: kernel {}: {e:#}", series.name());
-                Column {
-                    label: series.name().to_owned(),
-                    run: Err(format!("{e:#}")),
-                }
-            }
-        };
-        columns.push(column);
+        let kernel_started = Instant::now();
+        let run = run_kernel(series, &options, &payload, &cache, &work, &selected);
+        if let Err(e) = &run {
+            println!("vm-test: kernel {}: {e:#}", series.name());
+        }
+        columns.push(Column {
+            series: series.name(),
+            label: run
+                .as_ref()
+                .map_or(series.name().to_owned(), |(label, _)| label.clone()),
+            run: run.map(|(_, run)| run).map_err(|e| format!("{e:#}")),
+            wall: kernel_started.elapsed(),
+        });
     }
 
     // Failure details first, the summary last, where a reader of CI logs looks.
-    for column in &columns {
-        match &column.run {
-            Err(why) => println!("\nvm-test: {} did not run: {why}", column.label),
-            Ok(run) if !run.passed() => {
-                println!("\nvm-test: {} FAILED", column.label);
-                if let Some(why) = &run.failure {
-                    println!("  {why}");
-                }
-                for r in run.results.iter().filter(|r| r.outcome == report::Outcome::Fail) {
-                    println!("  {} FAIL: {}", r.name, r.detail);
-                }
-                for tail in &run.tails {
-                    print!("{tail}");
-                }
-            }
-            Ok(_) => {}
-        }
+    report::print_failures(&columns);
+    match &options.keep_for {
+        Some(k) => println!("\nvm-test summary (agents with --keep-for {k})"),
+        None => println!("\nvm-test summary"),
     }
-    println!("\nvm-test summary{}", match &options.keep_for {
-        Some(k) => format!(" (agents with --keep-for {k})"),
-        None => String::new(),
-    });
     print!("{}", report::table(&selected, &columns));
-
-    let mut failed = Vec::new();
-    let mut passed = 0;
-    let mut times = vec![format!("build {}", report::minutes(built))];
-    for column in &columns {
-        let series = column.label.split(' ').next().unwrap_or_default();
-        match &column.run {
-            Err(_) => failed.push(format!("{series} (did not run)")),
-            Ok(run) => {
-                times.push(format!("{series} {}", report::minutes(run.total)));
-                for r in &run.results {
-                    match r.outcome {
-                        report::Outcome::Pass => passed += 1,
-                        report::Outcome::Fail => failed.push(format!("{series} {}", r.name)),
-                    }
-                }
-                if let Some(why) = &run.failure
-                    && run.results.iter().all(|r| r.outcome == report::Outcome::Pass)
-                {
-                    failed.push(format!("{series} ({why})"));
-                }
-            }
-        }
-    }
-    let took = format!("in {} ({})", report::minutes(started.elapsed()), times.join(", "));
+    let (passed, failed) = report::tally(&columns);
+    let took = format!(
+        "in {} (setup+build {}{})",
+        report::minutes(started.elapsed()),
+        report::minutes(built),
+        columns
+            .iter()
+            .map(|c| format!(", {} {}", c.series, report::minutes(c.wall)))
+            .collect::<String>(),
+    );
     if failed.is_empty() {
         println!("vm-test: {passed} passed {took}");
         Ok(())
@@ -214,7 +190,11 @@ fn scenario_files(scripts: &Path) -> Result<Vec<(String, PathBuf)>> {
     files
         .into_iter()
         .map(|path| {
-            let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let stem = path
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             match stem.split_once('-') {
                 Some((_, name)) if !name.is_empty() => Ok((name.to_owned(), path)),
                 _ => bail!("{}: scenario files are named NN-NAME.sh", path.display()),
@@ -249,11 +229,16 @@ fn vm_tools() -> Result<()> {
             cmd
         };
         exec::run(apt_get().arg("update"))?;
-        exec::run(apt_get().args(["install", "-y", "--no-install-recommends"]).args(&missing))?;
+        exec::run(
+            apt_get()
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing),
+        )?;
         println!("installed Debian packages {}", missing.join(" "));
     }
 
-    let targets = exec::probe(&mut exec::command("rustup target list --installed")).unwrap_or_default();
+    let targets =
+        exec::probe(&mut exec::command("rustup target list --installed")).unwrap_or_default();
     if targets.lines().any(|t| t.trim() == MUSL) {
         println!("ok: rustup target {MUSL}");
     } else {
@@ -277,8 +262,13 @@ fn build_payload(scripts: &Path, target: &Path, work: &Path) -> Result<initramfs
     for name in ["rocks-agent", "rocks-testpeer"] {
         let out = bin.join(name);
         // Debug info would make the archive 100+ MiB; the guests never need it.
-        exec::run(Command::new("strip").arg("-o").arg(&out).arg(built.join(name)))
-            .context("stripping needs `strip` (Debian package binutils)")?;
+        exec::run(
+            Command::new("strip")
+                .arg("-o")
+                .arg(&out)
+                .arg(built.join(name)),
+        )
+        .context("stripping needs `strip` (Debian package binutils)")?;
         stripped.push(out);
     }
     let busybox = PathBuf::from("/bin/busybox");
@@ -304,7 +294,9 @@ fn workspace_root() -> PathBuf {
 
 /// The workspace's target directory as cargo resolves it (CARGO_TARGET_DIR, config files).
 fn target_dir() -> Result<PathBuf> {
-    let metadata = exec::stdout(&mut exec::command("cargo metadata --format-version 1 --no-deps"))?;
+    let metadata = exec::stdout(&mut exec::command(
+        "cargo metadata --format-version 1 --no-deps",
+    ))?;
     let metadata: serde_json::Value =
         serde_json::from_str(&metadata).context("parsing `cargo metadata` output")?;
     let dir = metadata["target_directory"]

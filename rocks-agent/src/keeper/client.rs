@@ -12,7 +12,7 @@ use super::{
 use crate::{
     agent::Shared,
     net::{self, ConnectError},
-    registry::{EntryGuard, Mode, Role},
+    registry::{EntryGuard, HandshakePhase, Mode, Role},
     session::{Event, OpenError, Session},
 };
 
@@ -61,11 +61,17 @@ pub async fn handle(shared: Arc<Shared>, app: TcpStream, app_addr: SocketAddr) {
             fall_back(&shared, app, dst, &entry, "the peer agent does not own the destination address", false).await;
         }
         Err(EstablishError::Open(e)) => {
-            info!(id = entry.id, %dst, error = %e, "destination refused through the peer agent; resetting the application connection");
+            info!(
+                id = entry.id,
+                app = %app_addr,
+                %dst,
+                error = %e,
+                "destination refused through the peer agent; resetting the application connection"
+            );
             net::abort(app);
         }
         Err(e) => {
-            shared.registry.counters.handshake_failures.fetch_add(1, Relaxed);
+            shared.registry.record_handshake_failure(HandshakePhase::Open, e.failure());
             // Wrong secret, not a rocks peer, version mismatch, silence: all mean this host
             // cannot keep connections for us now; the negative cache expires on its own.
             fall_back(&shared, app, dst, &entry, &format!("session handshake failed: {e}"), true).await;
@@ -74,12 +80,16 @@ pub async fn handle(shared: Arc<Shared>, app: TcpStream, app_addr: SocketAddr) {
 }
 
 fn log_ending(entry: &EntryGuard, ending: &Ending) {
+    let (id, app, dst) = (entry.id, entry.peer, entry.destination);
+    let session = entry.session_id().unwrap_or_default();
     match ending {
-        Ending::Event(Event::Closed) => info!(id = entry.id, "kept connection closed"),
-        Ending::Event(Event::PeerReset { code }) => info!(id = entry.id, code, "kept connection reset by the peer"),
-        Ending::Event(Event::Expired) => warn!(id = entry.id, "peer unreachable for longer than --keep-for; connection closed"),
-        Ending::Stopped => info!(id = entry.id, "kept connection reset: the agent is stopping"),
-        other => warn!(id = entry.id, ending = ?other, "kept connection ended"),
+        Ending::Event(Event::Closed) => info!(id, %session, %app, %dst, "kept connection closed"),
+        Ending::Event(Event::PeerReset { code }) => info!(id, %session, %app, %dst, code, "kept connection reset by the peer"),
+        Ending::Event(Event::Expired) => {
+            warn!(id, %session, %app, %dst, "peer unreachable for longer than --keep-for; connection closed")
+        }
+        Ending::Stopped => info!(id, %session, %app, %dst, "kept connection reset: the agent is stopping"),
+        other => warn!(id, %session, %app, %dst, ending = ?other, "kept connection ended"),
     }
 }
 
@@ -93,14 +103,24 @@ async fn fall_back(shared: &Shared, app: TcpStream, dst: SocketAddr, entry: &Ent
             r.add_negative(dst.ip(), shared.negative_ttl);
         }
     }
-    info!(id = entry.id, %dst, why, remembered = remember, "no usable peer agent: carrying this connection as plain TCP");
+    info!(
+        id = entry.id,
+        app = %entry.peer,
+        %dst,
+        why,
+        remembered = remember,
+        "no usable peer agent: carrying this connection as plain TCP"
+    );
     match net::connect_marked(dst, shared.dial_timeout).await {
         Ok(direct) => {
             entry.set_state("relaying");
-            let _ = super::plain::relay(app, direct, entry, shared.stopping.subscribe()).await;
+            match super::plain::relay(app, direct, entry, shared.stopping.subscribe()).await {
+                Ok((up, down)) => info!(id = entry.id, app = %entry.peer, %dst, up, down, "plain connection closed"),
+                Err(e) => info!(id = entry.id, app = %entry.peer, %dst, error = %e, "plain connection ended"),
+            }
         }
         Err(e) => {
-            warn!(id = entry.id, %dst, error = %e, "destination unreachable; resetting the application connection");
+            warn!(id = entry.id, app = %entry.peer, %dst, error = %e, "destination unreachable; resetting the application connection");
             net::abort(app);
         }
     }

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     net,
-    registry::EntryGuard,
+    registry::{EntryGuard, HandshakePhase},
     session::{CloseReason, Event, OpenError, ResumeAttempt, Session, State, TransportId},
 };
 
@@ -228,6 +228,9 @@ pub async fn run(
                 }
                 Event::Opened => entry.set_state("active"),
                 Event::TransportClosed { transport, reason } => {
+                    if let CloseReason::Handshake(e) = &reason {
+                        entry.record_handshake_failure(HandshakePhase::Resume, e.into());
+                    }
                     if let Some(tr) = transports.remove(&transport) {
                         debug!(id = entry.id, %transport, ?reason, "transport closed");
                         match reason {
@@ -238,7 +241,13 @@ pub async fn run(
                 }
                 Event::Suspended => {
                     entry.set_state("suspended");
-                    info!(id = entry.id, "session suspended: transport lost");
+                    info!(
+                        id = entry.id,
+                        session = %entry.session_id().unwrap_or_default(),
+                        peer = %entry.peer,
+                        dst = %entry.destination,
+                        "session suspended: transport lost"
+                    );
                 }
                 Event::Reconnect { transport } => {
                     entry.set_state("resuming");
@@ -252,9 +261,15 @@ pub async fn run(
                 }
                 Event::Resumed { took } => {
                     entry.set_state("active");
-                    entry.resumes.fetch_add(1, Relaxed);
-                    entry.set_last_resume_ms(took.as_millis() as u64);
-                    info!(id = entry.id, took_ms = took.as_secs_f64() * 1e3, "session resumed");
+                    entry.record_resume(took);
+                    info!(
+                        id = entry.id,
+                        took_ms = %format_args!("{:.1}", took.as_secs_f64() * 1e3),
+                        session = %entry.session_id().unwrap_or_default(),
+                        peer = %entry.peer,
+                        dst = %entry.destination,
+                        "session resumed"
+                    );
                 }
                 Event::PeerFinished => peer_finished = true,
                 terminal => {
@@ -285,6 +300,14 @@ pub async fn run(
                 (_, None) => {}
             }
             if !stopped && matches!(ending, Ending::Event(Event::Closed)) && matches!(side, Side::Server { .. }) {
+                // Logged now, not when the linger ends a minute later.
+                info!(
+                    id = entry.id,
+                    session = %entry.session_id().unwrap_or_default(),
+                    peer = %entry.peer,
+                    dst = %entry.destination,
+                    "kept connection closed"
+                );
                 entry.retire();
                 linger(&mut session, &mut transports, &mut inbound, &inbound_tx, &mut side, &mut stopping).await;
             }
@@ -339,7 +362,13 @@ pub async fn run(
                     transports.insert(t, Transport::start(t, offer.stream, inbound_tx.clone()));
                 }
                 SideEvent::PathChanged => {
-                    info!(id = entry.id, "network changed: resuming on a fresh transport");
+                    info!(
+                        id = entry.id,
+                        session = %entry.session_id().unwrap_or_default(),
+                        peer = %entry.peer,
+                        dst = %entry.destination,
+                        "network changed: resuming on a fresh transport"
+                    );
                     session.path_changed(Instant::now().into_std());
                 }
             },

@@ -5,7 +5,10 @@ use std::io;
 
 use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
 
-use crate::session::{Event, HandshakeError, OpenError, Session, SessionError, SessionId};
+use crate::{
+    registry::HandshakeFailure,
+    session::{Event, HandshakeError, OpenError, Session, SessionError, SessionId},
+};
 
 /// Why a session could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +21,18 @@ pub enum EstablishError {
     Session(SessionError),
     #[error("transport failed during the handshake: {0}")]
     Io(#[from] io::Error),
+}
+
+impl EstablishError {
+    /// The reason label of a failed handshake (not meaningful for `Open`, which is not one).
+    pub fn failure(&self) -> HandshakeFailure {
+        match self {
+            EstablishError::Handshake(e) => e.into(),
+            EstablishError::Session(e) => e.into(),
+            EstablishError::Io(_) => HandshakeFailure::TransportClosed,
+            EstablishError::Open(_) => HandshakeFailure::Other,
+        }
+    }
 }
 
 /// Returns the session id once the server reports the destination connected.

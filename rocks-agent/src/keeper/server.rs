@@ -9,18 +9,25 @@ use super::driver::{self, Ending, Local, ResumeOffer, Side};
 use crate::{
     agent::Shared,
     net,
-    registry::Role,
-    session::{Accept, Accepted, Event, Session},
+    registry::{HandshakeFailure, HandshakePhase, Role},
+    session::{Accept, Accepted, Event, HandshakeError, Session},
 };
 
 /// Resumes waiting for their session's driver to pick them up.
 const RESUME_QUEUE: usize = 4;
 
 pub async fn handle(shared: Arc<Shared>, mut stream: TcpStream, from: SocketAddr) {
+    // One spelling per address in the logs, as in `status`: the dual-stack listener reports
+    // IPv4 peers as ::ffff:a.b.c.d.
+    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
     let accepted = match accept(&shared, &mut stream).await {
         Ok(a) => a,
         Err(e) => {
-            shared.registry.counters.handshake_failures.fetch_add(1, Relaxed);
+            let reason = match &e {
+                AcceptError::Handshake(h) => h.into(),
+                AcceptError::Io(_) => HandshakeFailure::TransportClosed,
+            };
+            shared.registry.record_handshake_failure(HandshakePhase::Open, reason);
             warn!(peer = %from, error = %e, "refused a session handshake");
             return;
         }
@@ -46,21 +53,30 @@ pub async fn handle(shared: Arc<Shared>, mut stream: TcpStream, from: SocketAddr
     }
 }
 
+/// Why a peer's handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+enum AcceptError {
+    #[error(transparent)]
+    Handshake(HandshakeError),
+    #[error("transport failed during the handshake: {0}")]
+    Io(#[from] io::Error),
+}
+
 /// Drives the responder handshake until the transport says what it is.
-async fn accept(shared: &Shared, stream: &mut TcpStream) -> Result<Accepted, String> {
+async fn accept(shared: &Shared, stream: &mut TcpStream) -> Result<Accepted, AcceptError> {
     let mut accept = Accept::new(std::time::Instant::now(), shared.session_config.clone(), &shared.secret);
     let mut buf = vec![0u8; 16 << 10];
     loop {
         while let Some(bytes) = accept.poll_transmit() {
-            stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+            stream.write_all(&bytes).await?;
         }
         if let Some(outcome) = accept.poll_outcome() {
-            return outcome.map_err(|e| e.to_string());
+            return outcome.map_err(AcceptError::Handshake);
         }
         let timer = accept.poll_timeout().map(Instant::from_std);
         tokio::select! {
             ready = stream.readable() => {
-                ready.map_err(|e| e.to_string())?;
+                ready?;
                 match stream.try_read(&mut buf) {
                     Ok(0) => accept.transport_lost(),
                     Ok(n) => accept.handle_input(std::time::Instant::now(), &buf[..n]),
@@ -104,8 +120,9 @@ async fn open(shared: Arc<Shared>, stream: TcpStream, from: SocketAddr, session:
     let ending = driver::run(session, stream, local, Side::Server { resumes: rx }, &entry, shared.stopping.subscribe()).await;
     shared.sessions.lock().expect("sessions lock").remove(&id);
     match ending {
-        Ending::Event(Event::Closed) => info!(id = entry.id, session = %id, peer = %from, %dst, "kept connection closed"),
-        Ending::Event(Event::Failed(e)) => info!(id = entry.id, session = %id, peer = %from, error = %e, "session failed"),
-        other => info!(id = entry.id, session = %id, peer = %from, ending = ?other, "kept connection ended"),
+        // The close itself was logged by the driver when it happened; this is the linger's end.
+        Ending::Event(Event::Closed) => debug!(id = entry.id, session = %id, "closed session no longer answers resumes"),
+        Ending::Event(Event::Failed(e)) => info!(id = entry.id, session = %id, peer = %from, %dst, error = %e, "session failed"),
+        other => info!(id = entry.id, session = %id, peer = %from, %dst, ending = ?other, "kept connection ended"),
     }
 }

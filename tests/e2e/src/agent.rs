@@ -144,6 +144,22 @@ impl AgentSpec {
         }
     }
 
+    /// `rocks-agent <mode> ARGS...` with nothing added but `--run-dir` (everything else may
+    /// come from a `--config FILE`). `mode` is `attach` or `serve`.
+    pub fn custom<I, S>(mode: &'static str, args: I) -> AgentSpec
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut a: Vec<OsString> = vec![mode.into()];
+        a.extend(args.into_iter().map(|s| s.as_ref().to_owned()));
+        AgentSpec {
+            args: a,
+            mode,
+            env: Vec::new(),
+        }
+    }
+
     /// Appends options (`--probe-timeout`, `300ms`, ...).
     pub fn args<I, S>(mut self, args: I) -> AgentSpec
     where

@@ -49,9 +49,9 @@ use crate::exec;
 
 pub const PREFIX: &str = "rocksbench";
 const NETNS_DIR: &str = "/var/run/netns";
-/// Every program the lab starts may hold this many files: the memory figure needs 10,000
-/// connections, which is 20,000 sockets in an agent.
-pub const NOFILE: u64 = 262_144;
+/// The file limit the bench asks for: the memory figure needs 10,000 connections, which is
+/// 20,000 sockets in each agent.
+const NOFILE: u64 = 262_144;
 
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static VERBOSE: AtomicBool = AtomicBool::new(false);
@@ -191,7 +191,7 @@ pub struct Lab {
     pub helper: PathBuf,
     /// Long-running programs, stopped in reverse order.
     programs: Vec<Program>,
-    blackholed: bool,
+    blackholed: std::cell::Cell<bool>,
 }
 
 pub const A_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -238,7 +238,7 @@ impl Lab {
             agent,
             helper,
             programs: Vec::new(),
-            blackholed: false,
+            blackholed: std::cell::Cell::new(false),
         };
         lab.make_hosts(c_extras)?;
         lab.make_cgroups()?;
@@ -330,8 +330,9 @@ impl Lab {
         Ok(usec as f64 / 1e6)
     }
 
-    /// A command that runs `program` in `host`, in `group`'s cgroup if given, with a raised
-    /// file limit, in a process group of its own (Ctrl-C reaches only the bench).
+    /// A command that runs `program` in `host`, in `group`'s cgroup if given, in a process
+    /// group of its own (Ctrl-C reaches only the bench). It inherits the file limit that
+    /// [`raise_file_limit`] set.
     pub fn command(&self, host: &Host, group: Option<Group>, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
         let ns = Arc::clone(&host.file);
@@ -342,8 +343,8 @@ impl Lab {
                 .open(&path)
                 .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
         });
-        // SAFETY: the hook calls only setns(2), write(2) and setrlimit(2) on objects prepared
-        // before the fork, all async-signal-safe, and allocates nothing.
+        // SAFETY: the hook calls only setns(2) and write(2) on objects prepared before the
+        // fork, both async-signal-safe, and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
                 nix::sched::setns(&*ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
@@ -352,10 +353,6 @@ impl Lab {
                     if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
                         return Err(std::io::Error::last_os_error());
                     }
-                }
-                let limit = libc::rlimit { rlim_cur: NOFILE, rlim_max: NOFILE };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
@@ -388,6 +385,27 @@ impl Lab {
         if let Some(i) = self.programs.iter().position(|p| p.name == name) {
             let mut program = self.programs.remove(i);
             program.stop(grace);
+        }
+    }
+
+    /// Waits until the long-running program `name` exits by itself (a profiler finishing).
+    pub fn wait_exit(&mut self, name: &str, timeout: Duration) -> Result<()> {
+        let Some(i) = self.programs.iter().position(|p| p.name == name) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            check_interrupted()?;
+            if let Ok(Some(_)) = self.programs[i].child.try_wait() {
+                self.programs.remove(i);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let mut program = self.programs.remove(i);
+                program.stop(Duration::from_secs(3));
+                bail!("{name} did not finish within {timeout:.0?}:\n{}", tail(&program.log, 10));
+            }
+            thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -433,7 +451,7 @@ impl Lab {
 
     /// Silently drops everything in and out of host a's `eth0` (the link stays up), or
     /// restores it.
-    pub fn blackhole_a(&mut self, on: bool) -> Result<()> {
+    pub fn blackhole_a(&self, on: bool) -> Result<()> {
         let t = &self.tag;
         let script = if on {
             format!(
@@ -448,7 +466,7 @@ impl Lab {
         let mut cmd = self.command(&self.a, None, "nft");
         cmd.args(["-f", "-"]);
         run_with_stdin(&mut cmd, &script)?;
-        self.blackholed = on;
+        self.blackholed.set(on);
         Ok(())
     }
 
@@ -457,7 +475,7 @@ impl Lab {
         while let Some(mut program) = self.programs.pop() {
             program.stop(Duration::from_secs(5));
         }
-        if self.blackholed {
+        if self.blackholed.get() {
             let _ = self.blackhole_a(false);
         }
         if let Some(root) = self.cgroup_root.take() {
@@ -575,7 +593,17 @@ impl Piped {
     }
 
     /// Waits for the helper to finish and returns everything it printed, one line each.
-    pub fn finish(mut self, timeout: Duration) -> Result<Vec<String>> {
+    pub fn finish(self, timeout: Duration) -> Result<Vec<String>> {
+        let what = self.what.clone();
+        let (status, out) = self.collect(timeout)?;
+        if !status.success() {
+            bail!("{what} failed ({status}): {}", out.join("\n"));
+        }
+        Ok(out)
+    }
+
+    /// Like [`Piped::finish`], whatever the exit status (which it returns too).
+    pub fn collect(mut self, timeout: Duration) -> Result<(std::process::ExitStatus, Vec<String>)> {
         let mut out = Vec::new();
         let deadline = Instant::now() + timeout;
         loop {
@@ -591,10 +619,7 @@ impl Piped {
             }
         }
         let status = self.child.wait()?;
-        if !status.success() {
-            bail!("{} failed ({status}): {}", self.what, out.join("\n"));
-        }
-        Ok(out)
+        Ok((status, out))
     }
 
     pub fn kill(&mut self) {
@@ -642,6 +667,24 @@ fn ip_batch(ns: &str, script: &str) -> Result<()> {
     let mut cmd = Command::new("ip");
     cmd.args(["-n", ns, "-batch", "-"]);
     run_with_stdin(&mut cmd, script)
+}
+
+/// Raises this process's file limit, which every program the lab starts inherits, as far as
+/// allowed (raising the hard limit needs CAP_SYS_RESOURCE); returns the limit now in force.
+pub fn raise_file_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let wanted = libc::rlimit { rlim_cur: NOFILE, rlim_max: NOFILE };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+            return NOFILE;
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        let soft = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    limit.rlim_cur
 }
 
 /// Resident memory of a process in bytes (VmRSS).
@@ -774,7 +817,7 @@ pub fn remove_leftovers() {
     for entry in fs::read_dir(&mount).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let pid = name.strip_prefix(&format!("{PREFIX}-")).and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid.filter(|&p| !alive(p)) {
+        if pid.is_some_and(|p| !alive(p)) {
             println!("Removing cgroup {}, left behind by an earlier bench.", entry.path().display());
             for group in Group::ALL {
                 let _ = remove_cgroup(&entry.path().join(group.dir_name()));

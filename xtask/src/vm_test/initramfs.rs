@@ -33,8 +33,23 @@ pub struct Payload {
 }
 
 const DIRS: &[&str] = &[
-    "bin", "sbin", "usr", "usr/bin", "usr/sbin", "lib", "lib64", "etc", "etc/rocks",
-    "etc/rocks-vm", "proc", "sys", "dev", "run", "tmp", "root", "rocks-vm",
+    "bin",
+    "sbin",
+    "usr",
+    "usr/bin",
+    "usr/sbin",
+    "lib",
+    "lib64",
+    "etc",
+    "etc/rocks",
+    "etc/rocks-vm",
+    "proc",
+    "sys",
+    "dev",
+    "run",
+    "tmp",
+    "root",
+    "rocks-vm",
     "rocks-vm/scenarios",
 ];
 
@@ -51,7 +66,11 @@ pub fn build(payload: &Payload, kernel: &Kernel, out: &Path) -> Result<()> {
     let scripts = &payload.scripts;
     cpio.file("init", 0o755, &read(&scripts.join("init"))?)?;
     for name in ["lib.sh", "client.sh", "server.sh"] {
-        cpio.file(&format!("rocks-vm/{name}"), 0o644, &read(&scripts.join(name))?)?;
+        cpio.file(
+            &format!("rocks-vm/{name}"),
+            0o644,
+            &read(&scripts.join(name))?,
+        )?;
     }
     for (_, path) in super::scenario_files(scripts)? {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -78,7 +97,11 @@ pub fn build(payload: &Payload, kernel: &Kernel, out: &Path) -> Result<()> {
         load_list.push_str(&format!("/{inside}\n"));
     }
     cpio.file("etc/rocks-vm/modules", 0o644, load_list.as_bytes())?;
-    cpio.file("etc/rocks/secret", 0o600, format!("{}\n", new_secret()?).as_bytes())?;
+    cpio.file(
+        "etc/rocks/secret",
+        0o600,
+        format!("{}\n", new_secret()?).as_bytes(),
+    )?;
     cpio.finish()
 }
 
@@ -89,7 +112,9 @@ pub fn bpftool_files() -> Result<Vec<PathBuf>> {
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
-        .context("no bpftool on this machine (Debian package bpftool; `cargo xtask setup` installs it)")?;
+        .context(
+            "no bpftool on this machine (Debian package bpftool; `cargo xtask setup` installs it)",
+        )?;
     let ldd = exec::stdout(Command::new("ldd").arg(&bpftool))?;
     let mut files = vec![bpftool];
     for line in ldd.lines() {
@@ -177,15 +202,33 @@ impl<W: Write> Cpio<W> {
         Ok(())
     }
 
-    fn entry(&mut self, name: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) -> Result<()> {
+    fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> Result<()> {
         let Ok(size) = u32::try_from(data.len()) else {
             bail!("{name}: too large for a newc cpio archive");
         };
         let inode = self.next_inode;
         self.next_inode += 1;
         let fields = [
-            inode, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1,
-            name.len() as u32 + 1, 0,
+            inode,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            size,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
         ];
         let mut header = String::from("070701");
         for field in fields {

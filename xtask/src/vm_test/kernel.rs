@@ -154,7 +154,12 @@ fn download(package: &str, debs: &Path) -> Result<PathBuf> {
         cmd.args(["-o", "APT::Sandbox::User=root"]);
     }
     exec::run(cmd.current_dir(debs).args(["download", package]))?;
-    find()?.with_context(|| format!("apt-get download left no {package}_*.deb in {}", debs.display()))
+    find()?.with_context(|| {
+        format!(
+            "apt-get download left no {package}_*.deb in {}",
+            debs.display()
+        )
+    })
 }
 
 /// Marks a finished cache entry; holds the module list it was cut for.
@@ -203,7 +208,10 @@ fn unpack(deb: &Path, dir: &Path) -> Result<()> {
     fs::create_dir_all(partial.join("modules"))?;
     let vmlinuz = fs::read_dir(scratch.join("boot"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
         .context("the package has no boot/vmlinuz-*")?;
     fs::copy(&vmlinuz, partial.join("vmlinuz"))?;
     fs::write(partial.join("release"), format!("{release}\n"))?;
@@ -219,7 +227,11 @@ fn unpack(deb: &Path, dir: &Path) -> Result<()> {
                 .output()
                 .with_context(|| format!("decompressing {}", source.display()))?;
             if !output.status.success() {
-                bail!("`busybox xz -dc {}` failed: {}", source.display(), output.status);
+                bail!(
+                    "`busybox xz -dc {}` failed: {}",
+                    source.display(),
+                    output.status
+                );
             }
             fs::write(&target, output.stdout)?;
         } else if relative.ends_with(".ko") {
@@ -238,7 +250,8 @@ fn unpack(deb: &Path, dir: &Path) -> Result<()> {
 
 fn load(package: String, dir: &Path) -> Result<Kernel> {
     let read = |name: &str| {
-        fs::read_to_string(dir.join(name)).with_context(|| format!("reading {}", dir.join(name).display()))
+        fs::read_to_string(dir.join(name))
+            .with_context(|| format!("reading {}", dir.join(name).display()))
     };
     let release = read("release")?.trim().to_owned();
     let modules = read("load-order")?
@@ -271,7 +284,10 @@ fn only_entry(dir: &Path) -> Result<String> {
         .collect();
     match entries.as_slice() {
         [one] => Ok(one.clone()),
-        other => bail!("expected one kernel release in {}, found {other:?}", dir.display()),
+        other => bail!(
+            "expected one kernel release in {}, found {other:?}",
+            dir.display()
+        ),
     }
 }
 
@@ -359,14 +375,29 @@ mod tests {
             ]
         );
         let order = load_order(&["virtio_pci"], &deps, &BTreeSet::new()).unwrap();
-        assert_eq!(order, ["kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_pci.ko"]);
+        assert_eq!(
+            order,
+            [
+                "kernel/drivers/virtio/virtio.ko",
+                "kernel/drivers/virtio/virtio_pci.ko"
+            ]
+        );
         assert!(load_order(&["e1000"], &deps, &builtin).is_err());
     }
 
     #[test]
     fn module_names() {
-        assert_eq!(module_name("kernel/drivers/net/virtio_net.ko.xz"), "virtio_net");
-        assert_eq!(module_name("kernel/drivers/virtio/virtio_pci-legacy.ko"), "virtio_pci_legacy");
-        assert_eq!(module_name("kernel/drivers/virtio/virtio_pci.ko"), "virtio_pci");
+        assert_eq!(
+            module_name("kernel/drivers/net/virtio_net.ko.xz"),
+            "virtio_net"
+        );
+        assert_eq!(
+            module_name("kernel/drivers/virtio/virtio_pci-legacy.ko"),
+            "virtio_pci_legacy"
+        );
+        assert_eq!(
+            module_name("kernel/drivers/virtio/virtio_pci.ko"),
+            "virtio_pci"
+        );
     }
 }

@@ -39,14 +39,72 @@ impl KernelRun {
 /// A kernel's column: its label (`6.12 (6.12.117+deb12-amd64)`) and its run, or why it could
 /// not run at all.
 pub struct Column {
+    pub series: &'static str,
     pub label: String,
     pub run: Result<KernelRun, String>,
+    /// Wall time for the kernel: its download and unpacking (first run only) and the
+    /// initramfs included, unlike the table's "total".
+    pub wall: Duration,
+}
+
+/// For each kernel that failed: why, the failed scenarios, and the console tails.
+pub fn print_failures(columns: &[Column]) {
+    for column in columns {
+        match &column.run {
+            Err(why) => println!("\nvm-test: {} did not run: {why}", column.label),
+            Ok(run) if !run.passed() => {
+                println!("\nvm-test: {} FAILED", column.label);
+                if let Some(why) = &run.failure {
+                    println!("  {why}");
+                }
+                for r in run.results.iter().filter(|r| r.outcome == Outcome::Fail) {
+                    println!("  {} FAIL: {}", r.name, r.detail);
+                }
+                for tail in &run.tails {
+                    print!("{tail}");
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// How many scenario runs passed, and what failed as `<series> <scenario>` (or why a kernel
+/// failed without a failed scenario).
+pub fn tally(columns: &[Column]) -> (usize, Vec<String>) {
+    let mut passed = 0;
+    let mut failed = Vec::new();
+    for column in columns {
+        let series = column.series;
+        match &column.run {
+            Err(_) => failed.push(format!("{series} (did not run)")),
+            Ok(run) => {
+                for r in &run.results {
+                    match r.outcome {
+                        Outcome::Pass => passed += 1,
+                        Outcome::Fail => failed.push(format!("{series} {}", r.name)),
+                    }
+                }
+                if let Some(why) = &run.failure
+                    && run.results.iter().all(|r| r.outcome == Outcome::Pass)
+                {
+                    failed.push(format!("{series} ({why})"));
+                }
+            }
+        }
+    }
+    (passed, failed)
 }
 
 /// The summary table, scenarios in `order`.
 pub fn table(order: &[String], columns: &[Column]) -> String {
     const NAME: usize = 12;
-    let width = columns.iter().map(|c| c.label.len()).max().unwrap_or(0).max(16);
+    let width = columns
+        .iter()
+        .map(|c| c.label.len())
+        .max()
+        .unwrap_or(0)
+        .max(16);
     let mut out = String::new();
     let _ = write!(out, "{:<NAME$}", "scenario");
     for c in columns {
@@ -62,7 +120,11 @@ pub fn table(order: &[String], columns: &[Column]) -> String {
                 Ok(run) => match run.results.iter().find(|r| &r.name == name) {
                     None => "-".to_owned(),
                     Some(r) => {
-                        let verdict = if r.outcome == Outcome::Pass { "PASS" } else { "FAIL" };
+                        let verdict = if r.outcome == Outcome::Pass {
+                            "PASS"
+                        } else {
+                            "FAIL"
+                        };
                         match r.seconds {
                             Some(s) => format!("{verdict} {s:>6.1} s"),
                             None => format!("{verdict}      - "),
@@ -75,7 +137,10 @@ pub fn table(order: &[String], columns: &[Column]) -> String {
         out.push('\n');
     }
     for (what, pick) in [
-        ("boot", (|run: &KernelRun| run.boot) as fn(&KernelRun) -> Option<Duration>),
+        (
+            "boot",
+            (|run: &KernelRun| run.boot) as fn(&KernelRun) -> Option<Duration>,
+        ),
         ("total", |run: &KernelRun| Some(run.total)),
     ] {
         let _ = write!(out, "{what:<NAME$}");
@@ -107,23 +172,55 @@ mod tests {
             boot: Some(Duration::from_millis(9_500)),
             total: Duration::from_secs(200),
             results: vec![
-                ScenarioResult { name: "attach".into(), outcome: Outcome::Pass, seconds: Some(7.3), detail: String::new() },
-                ScenarioResult { name: "data".into(), outcome: Outcome::Fail, seconds: None, detail: String::new() },
+                ScenarioResult {
+                    name: "attach".into(),
+                    outcome: Outcome::Pass,
+                    seconds: Some(7.3),
+                    detail: String::new(),
+                },
+                ScenarioResult {
+                    name: "data".into(),
+                    outcome: Outcome::Fail,
+                    seconds: None,
+                    detail: String::new(),
+                },
             ],
             failure: None,
             tails: Vec::new(),
         };
         let columns = [
-            Column { label: "6.1 (6.1.0-56-amd64)".into(), run: Ok(run) },
-            Column { label: "6.12".into(), run: Err("no kernel".into()) },
+            Column {
+                series: "6.1",
+                label: "6.1 (6.1.0-56-amd64)".into(),
+                run: Ok(run),
+                wall: Duration::from_secs(210),
+            },
+            Column {
+                series: "6.12",
+                label: "6.12".into(),
+                run: Err("no kernel".into()),
+                wall: Duration::ZERO,
+            },
         ];
         let text = table(&["attach".into(), "data".into()], &columns);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 5, "{text}");
         assert!(lines[0].starts_with("scenario") && lines[0].contains("6.1 (6.1.0-56-amd64)"));
-        assert!(lines[1].starts_with("attach") && lines[1].contains("PASS    7.3 s"), "{text}");
+        assert!(
+            lines[1].starts_with("attach") && lines[1].contains("PASS    7.3 s"),
+            "{text}"
+        );
         assert!(lines[2].contains("FAIL"), "{text}");
-        assert!(lines[3].starts_with("boot") && lines[3].contains("9.5 s"), "{text}");
-        assert!(lines[4].starts_with("total") && lines[4].contains("200.0 s"), "{text}");
+        assert!(
+            lines[3].starts_with("boot") && lines[3].contains("9.5 s"),
+            "{text}"
+        );
+        assert!(
+            lines[4].starts_with("total") && lines[4].contains("200.0 s"),
+            "{text}"
+        );
+        let (passed, failed) = tally(&columns);
+        assert_eq!(passed, 1);
+        assert_eq!(failed, ["6.1 data", "6.12 (did not run)"]);
     }
 }

@@ -69,7 +69,12 @@ impl Watch {
 
     /// The newest row seen (the last sample that had one).
     pub fn last_row(&self) -> Option<Value> {
-        self.samples.lock().unwrap().iter().rev().find_map(|s| s.row.clone())
+        self.samples
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find_map(|s| s.row.clone())
     }
 
     /// The highest `resumes` any sample showed.
@@ -88,10 +93,10 @@ impl Watch {
     pub fn states(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for s in self.samples.lock().unwrap().iter() {
-            if let Some(state) = s.row.as_ref().and_then(|r| r["state"].as_str()) {
-                if out.last().map(String::as_str) != Some(state) {
-                    out.push(state.to_owned());
-                }
+            if let Some(state) = s.row.as_ref().and_then(|r| r["state"].as_str())
+                && out.last().map(String::as_str) != Some(state)
+            {
+                out.push(state.to_owned());
             }
         }
         out
@@ -110,11 +115,21 @@ impl Watch {
 
     /// Whether every sample taken after `since` still listed the connection.
     pub fn listed_throughout(&self, since: Instant) -> bool {
-        self.samples.lock().unwrap().iter().filter(|s| s.at >= since).all(|s| s.row.is_some())
+        self.samples
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.at >= since)
+            .all(|s| s.row.is_some())
     }
 
     /// Waits for a sample taken from now on whose row satisfies `cond`; returns that row.
-    pub fn wait_row(&self, timeout: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Result<Value> {
+    pub fn wait_row(
+        &self,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
         let since = Instant::now();
         let deadline = since + timeout;
         loop {
@@ -132,7 +147,9 @@ impl Watch {
                 bail!(
                     "connection to {} never {what} within {timeout:?}; last row {}; states {:?}",
                     self.dst,
-                    self.last_row().map(|r| r.to_string()).unwrap_or_else(|| "none".into()),
+                    self.last_row()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "none".into()),
                     self.states()
                 );
             }
@@ -142,7 +159,9 @@ impl Watch {
 
     /// Waits until the connection shows at least `n` resumes.
     pub fn wait_resumes(&self, n: u64, timeout: Duration) -> Result<Value> {
-        self.wait_row(timeout, &format!("reached {n} resumes"), |r| num(r, "resumes") >= n)
+        self.wait_row(timeout, &format!("reached {n} resumes"), |r| {
+            num(r, "resumes") >= n
+        })
     }
 }
 
@@ -159,7 +178,11 @@ impl Drop for StopOnDrop<'_> {
 /// Runs `body` while a thread polls `agent`'s status every 100 ms and records the client row
 /// for destination `dst`.
 pub fn watching<R>(agent: &Agent, dst: &str, body: impl FnOnce(&Watch) -> R) -> R {
-    let watch = Watch { dst: dst.to_owned(), samples: Mutex::new(Vec::new()), stop: AtomicBool::new(false) };
+    let watch = Watch {
+        dst: dst.to_owned(),
+        samples: Mutex::new(Vec::new()),
+        stop: AtomicBool::new(false),
+    };
     thread::scope(|s| {
         s.spawn(|| {
             while !watch.stop.load(Ordering::SeqCst) {
@@ -180,13 +203,52 @@ pub fn watching<R>(agent: &Agent, dst: &str, body: impl FnOnce(&Watch) -> R) -> 
 /// (for an agent: its transports to or from other agents), by `ss`.
 pub fn established_peers(host: &Host, local_port: u16) -> Result<Vec<SocketAddr>> {
     let mut cmd = host.exec("ss");
-    cmd.args(["-H", "-t", "-n", "state", "established", "sport", "=", &format!(":{local_port}")]);
+    cmd.args([
+        "-H",
+        "-t",
+        "-n",
+        "state",
+        "established",
+        "sport",
+        "=",
+        &format!(":{local_port}"),
+    ]);
     parse_ss_peers(&run_checked(&mut cmd)?)
+}
+
+/// The TCP connections (any state) in `host` to remote port `remote_port` that process `pid`
+/// still holds open, as `ss -p` lines (sockets a process closed, orphans in FIN-WAIT, do not
+/// count).
+pub fn connections_held_by(host: &Host, pid: u32, remote_port: u16) -> Result<Vec<String>> {
+    let mut cmd = host.exec("ss");
+    cmd.args([
+        "-H",
+        "-t",
+        "-n",
+        "-p",
+        "state",
+        "all",
+        "dport",
+        "=",
+        &format!(":{remote_port}"),
+    ]);
+    let out = run_checked(&mut cmd)?;
+    let owner = format!("pid={pid},");
+    Ok(out
+        .lines()
+        .filter(|l| l.contains(&owner))
+        .map(|l| l.split_whitespace().take(5).collect::<Vec<_>>().join(" "))
+        .collect())
 }
 
 /// Waits until the established connections on local port `port` in `host` come from exactly
 /// one peer with address `ip` (a superseded transport may take a moment to close); returns it.
-pub fn wait_single_peer(host: &Host, local_port: u16, ip: std::net::IpAddr, timeout: Duration) -> Result<SocketAddr> {
+pub fn wait_single_peer(
+    host: &Host,
+    local_port: u16,
+    ip: std::net::IpAddr,
+    timeout: Duration,
+) -> Result<SocketAddr> {
     let mut last = Ok(Vec::new());
     let ok = rocks_e2e::util::wait_until(timeout, || {
         last = established_peers(host, local_port);
@@ -194,14 +256,26 @@ pub fn wait_single_peer(host: &Host, local_port: u16, ip: std::net::IpAddr, time
     });
     match last {
         Ok(p) if ok => Ok(p[0]),
-        other => bail!("{}: want one connection on port {local_port} from {ip}, have {other:?}", host.name()),
+        other => bail!(
+            "{}: want one connection on port {local_port} from {ip}, have {other:?}",
+            host.name()
+        ),
     }
 }
 
 /// The peer addresses of the established TCP connections in `host` to remote port `port`.
 pub fn established_to(host: &Host, remote_port: u16) -> Result<Vec<SocketAddr>> {
     let mut cmd = host.exec("ss");
-    cmd.args(["-H", "-t", "-n", "state", "established", "dport", "=", &format!(":{remote_port}")]);
+    cmd.args([
+        "-H",
+        "-t",
+        "-n",
+        "state",
+        "established",
+        "dport",
+        "=",
+        &format!(":{remote_port}"),
+    ]);
     let out = run_checked(&mut cmd)?;
     // Local address is the third column.
     out.lines()
@@ -225,7 +299,9 @@ fn parse_ss_addr(text: &str) -> Result<SocketAddr> {
         (Some(p), Some(b)) if p < b => format!("{}{}", &text[..p], &text[b..]),
         _ => text.to_owned(),
     };
-    let a: SocketAddr = cleaned.parse().with_context(|| format!("bad address {text:?}"))?;
+    let a: SocketAddr = cleaned
+        .parse()
+        .with_context(|| format!("bad address {text:?}"))?;
     Ok(SocketAddr::new(a.ip().to_canonical(), a.port()))
 }
 
@@ -253,7 +329,13 @@ pub fn flush_conntrack4(host: &Host) -> Result<()> {
         const IPCTNL_MSG_CT_DELETE: u16 = 2;
         const NLMSG_ERROR: u16 = 2;
         // SAFETY: plain socket(2); the fd is owned below.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER) };
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_NETFILTER,
+            )
+        };
         if fd < 0 {
             return Err(std::io::Error::last_os_error()).context("netlink socket");
         }
@@ -261,7 +343,8 @@ pub fn flush_conntrack4(host: &Host) -> Result<()> {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut msg = [0u8; 20];
         msg[0..4].copy_from_slice(&20u32.to_ne_bytes());
-        msg[4..6].copy_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE).to_ne_bytes());
+        msg[4..6]
+            .copy_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE).to_ne_bytes());
         let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
         msg[6..8].copy_from_slice(&flags.to_ne_bytes());
         msg[8..12].copy_from_slice(&1u32.to_ne_bytes());

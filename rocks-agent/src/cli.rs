@@ -71,8 +71,10 @@ pub struct AttachArgs {
     /// The loopback port redirected connections land on.
     #[arg(long, default_value_t = DEFAULT_REDIRECT_PORT, value_name = "PORT")]
     pub redirect_port: u16,
-    /// The sk_msg fast path between the application and the agent.
-    #[arg(long, value_enum, default_value = "on")]
+    /// The sk_msg fast path between the application and the agent. Off by default: sk_msg
+    /// ingress redirection bypasses the receiving socket's window, so a slow application or a
+    /// long outage could queue unbounded data in kernel memory (see the README).
+    #[arg(long, value_enum, default_value = "off")]
     pub fast_path: FastPath,
     /// Keep only connections to these destination ports (comma-separated). Default: all.
     #[arg(long, value_delimiter = ',', value_name = "PORTS")]

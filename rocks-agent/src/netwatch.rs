@@ -1,7 +1,7 @@
 //! Watches this network namespace for address, route and link changes (rtnetlink multicast
 //! groups) and tells client sessions, which then resume on a fresh transport at once instead
 //! of waiting for the dead-path timer.
-use std::{io, os::fd::OwnedFd};
+use std::{io, os::fd::OwnedFd, time::Duration};
 
 use nix::sys::socket::{
     AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, socket, MsgFlags,
@@ -99,6 +99,35 @@ fn route_dst_is_link_local(mut attrs: &[u8]) -> bool {
     false
 }
 
+/// One address change arrives as a burst (address removed, routes removed, address added,
+/// routes added, IPv6 neighbour state). Resuming on its first message would restart the resume
+/// for each later one, and a connect made before the new address and route are complete can
+/// lose its SYN (a 1 s retransmission). So wait until the burst has been quiet for `QUIET`,
+/// but never longer than `SETTLE_MAX` in all.
+const QUIET: Duration = Duration::from_millis(20);
+const SETTLE_MAX: Duration = Duration::from_millis(150);
+
+async fn settle(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) {
+    let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+    loop {
+        let quiet_until = (tokio::time::Instant::now() + QUIET).min(deadline);
+        let Ok(Ok(mut guard)) = tokio::time::timeout_at(quiet_until, fd.readable()).await else { return };
+        loop {
+            match recv(std::os::fd::AsRawFd::as_raw_fd(guard.get_inner()), buf, MsgFlags::empty()) {
+                Ok(0) => break,
+                Ok(_) | Err(nix::errno::Errno::ENOBUFS) => {}
+                Err(_) => {
+                    guard.clear_ready();
+                    break;
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+    }
+}
+
 /// Starts watching; each burst of changes becomes one notification on the returned channel.
 pub fn spawn() -> io::Result<broadcast::Sender<()>> {
     let fd: OwnedFd = socket(
@@ -137,6 +166,7 @@ pub fn spawn() -> io::Result<broadcast::Sender<()>> {
                 }
             }
             if changed {
+                settle(&fd, &mut buf).await;
                 debug!("network change");
                 let _ = sender.send(());
             }

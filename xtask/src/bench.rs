@@ -74,7 +74,15 @@ pub struct Options {
     helper: Option<tools::Helper>,
 }
 
-pub const PARTS: [&str; 7] = ["throughput", "latency", "setup", "resume", "outage", "blackhole", "memory"];
+pub const PARTS: [&str; 7] = [
+    "throughput",
+    "latency",
+    "setup",
+    "resume",
+    "outage",
+    "blackhole",
+    "memory",
+];
 
 /// How much of everything one run does.
 #[derive(Clone, Debug)]
@@ -148,7 +156,12 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 4] = [Variant::Direct, Variant::Socat, Variant::Rocks, Variant::RocksNoFastPath];
+    pub const ALL: [Variant; 4] = [
+        Variant::Direct,
+        Variant::Socat,
+        Variant::Rocks,
+        Variant::RocksNoFastPath,
+    ];
 
     pub fn key(self) -> &'static str {
         match self {
@@ -181,7 +194,10 @@ impl Variant {
     fn target(self, port: u16) -> (Group, std::net::SocketAddr) {
         match self {
             Variant::Direct => (Group::Plain, (lab::B_IP, port).into()),
-            Variant::Socat => (Group::Plain, (std::net::Ipv4Addr::LOCALHOST, port + SOCAT_A_OFFSET).into()),
+            Variant::Socat => (
+                Group::Plain,
+                (std::net::Ipv4Addr::LOCALHOST, port + SOCAT_A_OFFSET).into(),
+            ),
             Variant::Rocks | Variant::RocksNoFastPath => (Group::Kept, (lab::B_IP, port).into()),
         }
     }
@@ -216,7 +232,10 @@ pub fn run(options: Options) -> Result<()> {
     }
     for part in &options.only {
         if !PARTS.contains(&part.as_str()) {
-            bail!("unknown part {part:?} in --only; the parts are {}", PARTS.join(", "));
+            bail!(
+                "unknown part {part:?} in --only; the parts are {}",
+                PARTS.join(", ")
+            );
         }
     }
     lab::set_verbose(options.verbose);
@@ -232,7 +251,9 @@ pub fn run(options: Options) -> Result<()> {
         Some(path) => path.clone(),
         None => {
             setup::ensure(Mode::Install)?;
-            exec::run(&mut exec::command("cargo build --release --package rocks-agent"))?;
+            exec::run(&mut exec::command(
+                "cargo build --release --package rocks-agent",
+            ))?;
             build::agent_binary(true)?
         }
     };
@@ -291,7 +312,11 @@ pub fn run(options: Options) -> Result<()> {
     results.took_secs = took.as_secs_f64();
     outcome?;
     let written = report::write(&results, &out)?;
-    println!("The bench took {:.0} s. Wrote {}.", took.as_secs_f64(), written.join(", "));
+    println!(
+        "The bench took {:.0} s. Wrote {}.",
+        took.as_secs_f64(),
+        written.join(", ")
+    );
     Ok(())
 }
 
@@ -322,7 +347,14 @@ pub struct Bench {
 impl Bench {
     fn new(agent: &Path, plan: Plan) -> Result<Bench> {
         let lab = Lab::new(agent, plan.setup_trials)?;
-        Ok(Bench { lab, plan, agent_a: None, agent_b: None, starts: 0, iperf_server: 0 })
+        Ok(Bench {
+            lab,
+            plan,
+            agent_a: None,
+            agent_b: None,
+            starts: 0,
+            iperf_server: 0,
+        })
     }
 
     fn run(&mut self, parts: &[&str], profile: bool, results: &mut report::Results) -> Result<()> {
@@ -338,7 +370,10 @@ impl Bench {
         if parts.contains(&"setup") {
             self.setup_times(results)?;
         }
-        if parts.iter().any(|p| ["resume", "outage", "blackhole"].contains(p)) {
+        if parts
+            .iter()
+            .any(|p| ["resume", "outage", "blackhole"].contains(p))
+        {
             self.recovery(parts, results)?;
         }
         if parts.contains(&"memory") {
@@ -382,35 +417,67 @@ impl Bench {
     fn start_servers(&mut self) -> Result<()> {
         let lab = &mut self.lab;
         let mut keygen = Command::new(&lab.agent);
-        keygen.arg("keygen").arg("--out").arg(lab.dir().join("secret"));
+        keygen
+            .arg("keygen")
+            .arg("--out")
+            .arg(lab.dir().join("secret"));
         lab::quiet(&mut keygen)?;
 
         let mut iperf = lab.command(&lab.b, Some(Group::Servers), "iperf3");
         iperf.args(["-s", "-p", &IPERF_PORT.to_string()]);
         self.iperf_server = lab.spawn("iperf3 server", iperf, "iperf3-server.log")?;
         let port = ECHO_PORT.to_string();
-        let echo = lab.helper(&lab.b, Group::Servers, &["serve", "--port", &port, "--mode", "echo"]);
+        let echo = lab.helper(
+            &lab.b,
+            Group::Servers,
+            &["serve", "--port", &port, "--mode", "echo"],
+        );
         lab.spawn("echo server", echo, "echo-server.log")?;
         let port = GREET_PORT.to_string();
-        let greet = lab.helper(&lab.b, Group::Servers, &["serve", "--port", &port, "--mode", "greet"]);
+        let greet = lab.helper(
+            &lab.b,
+            Group::Servers,
+            &["serve", "--port", &port, "--mode", "greet"],
+        );
         lab.spawn("greeting server", greet, "greet-server.log")?;
         let port = UDP_PORT.to_string();
-        let udp = lab.helper(&lab.b, Group::Servers, &["serve", "--port", &port, "--mode", "udp"]);
+        let udp = lab.helper(
+            &lab.b,
+            Group::Servers,
+            &["serve", "--port", &port, "--mode", "udp"],
+        );
         lab.spawn("UDP echo server", udp, "udp-server.log")?;
         let port = GREET_PORT.to_string();
-        let greet_c = lab.helper(&lab.c, Group::Servers, &["serve", "--port", &port, "--mode", "greet"]);
+        let greet_c = lab.helper(
+            &lab.c,
+            Group::Servers,
+            &["serve", "--port", &port, "--mode", "greet"],
+        );
         lab.spawn("greeting server on c", greet_c, "greet-server-c.log")?;
 
         for port in [IPERF_PORT, ECHO_PORT, GREET_PORT] {
             let (a_port, b_port) = (port + SOCAT_A_OFFSET, port + SOCAT_B_OFFSET);
             let mut a = lab.command(&lab.a, Some(Group::RelayA), "socat");
-            a.arg(format!("TCP4-LISTEN:{a_port},bind=127.0.0.1,reuseaddr,fork,backlog=4096,nodelay"))
-                .arg(format!("TCP4:{}:{b_port},nodelay", lab::B_IP));
-            lab.spawn(&format!("socat a:{a_port}"), a, &format!("socat-a-{a_port}.log"))?;
+            a.arg(format!(
+                "TCP4-LISTEN:{a_port},bind=127.0.0.1,reuseaddr,fork,backlog=4096,nodelay"
+            ))
+            .arg(format!("TCP4:{}:{b_port},nodelay", lab::B_IP));
+            lab.spawn(
+                &format!("socat a:{a_port}"),
+                a,
+                &format!("socat-a-{a_port}.log"),
+            )?;
             let mut b = lab.command(&lab.b, Some(Group::RelayB), "socat");
-            b.arg(format!("TCP4-LISTEN:{b_port},bind={},reuseaddr,fork,backlog=4096,nodelay", lab::B_IP))
-                .arg(format!("TCP4:127.0.0.1:{port},nodelay"));
-            lab.spawn(&format!("socat b:{b_port}"), b, &format!("socat-b-{b_port}.log"))?;
+            b.arg(format!(
+                "TCP4-LISTEN:{b_port},bind={},reuseaddr,fork,backlog=4096,nodelay",
+                lab::B_IP
+            ))
+            .arg(format!("TCP4:127.0.0.1:{port},nodelay"));
+            lab.spawn(
+                &format!("socat b:{b_port}"),
+                b,
+                &format!("socat-b-{b_port}.log"),
+            )?;
         }
         let (a, b, c) = (lab.a.ns.clone(), lab.b.ns.clone(), lab.c.ns.clone());
         for port in [IPERF_PORT, ECHO_PORT, GREET_PORT] {
@@ -497,10 +564,15 @@ impl Bench {
     fn wait_for_agent(&mut self, host: &str) -> Result<Value> {
         let run_dir = self.run_dir(host);
         let what = format!("agent {host} to answer on {}", run_dir.display());
-        lab::wait_for(&what, Duration::from_secs(30), Duration::from_millis(50), || {
-            self.lab.check_programs()?;
-            Ok(status(&run_dir).ok())
-        })
+        lab::wait_for(
+            &what,
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || {
+                self.lab.check_programs()?;
+                Ok(status(&run_dir).ok())
+            },
+        )
     }
 
     fn status(&self, host: &str) -> Result<Value> {
@@ -515,7 +587,11 @@ impl Bench {
         eprintln!("The bench failed ({error:#}). The end of the agents' logs:");
         for name in ["agent a", "agent b"] {
             if let Some(log) = self.lab.log_of(name) {
-                eprintln!("--- {name} ({}) ---\n{}", log.display(), lab::tail(&log, 15));
+                eprintln!(
+                    "--- {name} ({}) ---\n{}",
+                    log.display(),
+                    lab::tail(&log, 15)
+                );
             }
         }
     }
@@ -524,10 +600,12 @@ impl Bench {
 /// `rocks-agent status --json`, straight from the control socket (one line each way).
 pub fn status(run_dir: &Path) -> Result<Value> {
     let path = run_dir.join("control.sock");
-    let mut stream = UnixStream::connect(&path).with_context(|| format!("connecting to {}", path.display()))?;
+    let mut stream =
+        UnixStream::connect(&path).with_context(|| format!("connecting to {}", path.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(b"status\n")?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
-    serde_json::from_str(&reply).with_context(|| format!("parsing the status from {}", path.display()))
+    serde_json::from_str(&reply)
+        .with_context(|| format!("parsing the status from {}", path.display()))
 }

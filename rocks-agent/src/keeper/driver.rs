@@ -8,7 +8,7 @@
 //! session and is polled directly, which lets the driver read it only while the replay buffer
 //! has room (that is the back-pressure on the application).
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     io,
     net::SocketAddr,
     sync::atomic::Ordering::Relaxed,
@@ -170,6 +170,9 @@ pub async fn run(
     };
     let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(64);
     let mut transports: HashMap<TransportId, Transport> = HashMap::new();
+    // Client: reconnects under way. The core may give one up (a newer path change) before its
+    // connect finishes; a stream that arrives for an id no longer here is closed, not kept.
+    let mut connecting: HashSet<TransportId> = HashSet::new();
     transports.insert(session.first_transport(), Transport::start(session.first_transport(), first, inbound_tx.clone()));
 
     let mut local_out: VecDeque<Bytes> = VecDeque::new();
@@ -228,6 +231,7 @@ pub async fn run(
                 }
                 Event::Opened => entry.set_state("active"),
                 Event::TransportClosed { transport, reason } => {
+                    connecting.remove(&transport);
                     if let CloseReason::Handshake(e) = &reason {
                         entry.record_handshake_failure(HandshakePhase::Resume, e.into());
                     }
@@ -252,6 +256,7 @@ pub async fn run(
                 Event::Reconnect { transport } => {
                     entry.set_state("resuming");
                     if let Side::Client { peer, connect_timeout, .. } = &side {
+                        connecting.insert(transport);
                         let (peer, timeout, tx) = (*peer, *connect_timeout, inbound_tx.clone());
                         tokio::spawn(async move {
                             let result = net::connect_marked(peer, timeout).await;
@@ -336,12 +341,18 @@ pub async fn run(
                     Inbound::Data(t, bytes) => session.handle_input(now, t, &bytes),
                     Inbound::Lost(t) => session.transport_lost(now, t),
                     Inbound::Connected(t, Ok(stream)) => {
-                        transports.insert(t, Transport::start(t, stream, inbound_tx.clone()));
-                        session.start_resume(now, t);
+                        if connecting.remove(&t) {
+                            transports.insert(t, Transport::start(t, stream, inbound_tx.clone()));
+                            session.start_resume(now, t);
+                        } else {
+                            debug!(id = entry.id, transport = %t, "reconnect finished after it was abandoned; closing it");
+                        }
                     }
                     Inbound::Connected(t, Err(e)) => {
                         debug!(id = entry.id, error = %e, "reconnect failed");
-                        session.transport_lost(now, t);
+                        if connecting.remove(&t) {
+                            session.transport_lost(now, t);
+                        }
                     }
                     Inbound::Dialed(Ok(stream)) => {
                         let _ = stream.set_nodelay(true);

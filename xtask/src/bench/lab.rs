@@ -253,7 +253,9 @@ impl Lab {
         let switch = self.switch.clone();
         self.add_netns(&switch)?;
         // No multicast snooping: without a querier it can starve neighbour discovery.
-        ip(&format!("-n {switch} link add br0 type bridge mcast_snooping 0"))?;
+        ip(&format!(
+            "-n {switch} link add br0 type bridge mcast_snooping 0"
+        ))?;
         ip(&format!("-n {switch} link set br0 up"))?;
         self.a = self.add_host("a", A_IP)?;
         self.b = self.add_host("b", B_IP)?;
@@ -282,11 +284,16 @@ impl Lab {
     fn add_host(&mut self, label: &str, addr: Ipv4Addr) -> Result<Host> {
         let (ns, switch) = (format!("{}-{label}", self.tag), self.switch.clone());
         self.add_netns(&ns)?;
-        ip(&format!("-n {switch} link add p{label} type veth peer name eth0 netns {ns}"))?;
+        ip(&format!(
+            "-n {switch} link add p{label} type veth peer name eth0 netns {ns}"
+        ))?;
         ip(&format!("-n {switch} link set p{label} master br0 up"))?;
         let file = File::open(format!("{NETNS_DIR}/{ns}"))
             .with_context(|| format!("opening {NETNS_DIR}/{ns}"))?;
-        let host = Host { ns: ns.clone(), file: Arc::new(file) };
+        let host = Host {
+            ns: ns.clone(),
+            file: Arc::new(file),
+        };
         // IPv4 only: no IPv6 on eth0, so no link-local address appears (with its netlink
         // events, which make the agent resume) whenever the link comes up.
         let mut sysctl = self.command(&host, None, "sysctl");
@@ -321,7 +328,8 @@ impl Lab {
     /// CPU time the cgroup's processes used so far, dead children included, in seconds.
     pub fn cpu_seconds(&self, group: Group) -> Result<f64> {
         let path = self.cgroup(group).join("cpu.stat");
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let usec: u64 = text
             .lines()
             .find_map(|l| l.strip_prefix("usage_usec "))
@@ -333,7 +341,12 @@ impl Lab {
     /// A command that runs `program` in `host`, in `group`'s cgroup if given, in a process
     /// group of its own (Ctrl-C reaches only the bench). It inherits the file limit that
     /// [`raise_file_limit`] set.
-    pub fn command(&self, host: &Host, group: Option<Group>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    pub fn command(
+        &self,
+        host: &Host,
+        group: Option<Group>,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Command {
         let mut cmd = Command::new(program);
         let ns = Arc::clone(&host.file);
         let procs = group.map(|g| {
@@ -373,10 +386,19 @@ impl Lab {
         show_line(&exec::shown(&cmd));
         let path = self.dir().join(log);
         let out = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
-        let child = cmd.spawn().with_context(|| format!("could not start {name}"))?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("could not start {name}"))?;
         let pid = child.id();
-        self.programs.push(Program { name: name.to_owned(), child, log: path, stopped: false });
+        self.programs.push(Program {
+            name: name.to_owned(),
+            child,
+            log: path,
+            stopped: false,
+        });
         Ok(pid)
     }
 
@@ -403,7 +425,10 @@ impl Lab {
             if Instant::now() > deadline {
                 let mut program = self.programs.remove(i);
                 program.stop(Duration::from_secs(3));
-                bail!("{name} did not finish within {timeout:.0?}:\n{}", tail(&program.log, 10));
+                bail!(
+                    "{name} did not finish within {timeout:.0?}:\n{}",
+                    tail(&program.log, 10)
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -413,26 +438,46 @@ impl Lab {
     pub fn check_programs(&mut self) -> Result<()> {
         for program in &mut self.programs {
             if let Ok(Some(status)) = program.child.try_wait() {
-                bail!("{} exited ({status}):\n{}", program.name, tail(&program.log, 20));
+                bail!(
+                    "{} exited ({status}):\n{}",
+                    program.name,
+                    tail(&program.log, 20)
+                );
             }
         }
         Ok(())
     }
 
     pub fn log_of(&self, name: &str) -> Option<PathBuf> {
-        self.programs.iter().find(|p| p.name == name).map(|p| p.log.clone())
+        self.programs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.log.clone())
     }
 
     /// Waits until something listens on TCP `port` in `host`.
     pub fn wait_for_listener(&mut self, host_ns: &str, port: u16) -> Result<()> {
         let what = format!("something to listen on port {port} in {host_ns}");
-        wait_for(&what, Duration::from_secs(15), Duration::from_millis(50), || {
-            self.check_programs()?;
-            let mut cmd = Command::new("nsenter");
-            cmd.arg(format!("--net={NETNS_DIR}/{host_ns}"))
-                .args(["ss", "-H", "-l", "-t", "-n", "sport", "=", &format!(":{port}")]);
-            Ok((!quiet(&mut cmd)?.trim().is_empty()).then_some(()))
-        })
+        wait_for(
+            &what,
+            Duration::from_secs(15),
+            Duration::from_millis(50),
+            || {
+                self.check_programs()?;
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net={NETNS_DIR}/{host_ns}")).args([
+                    "ss",
+                    "-H",
+                    "-l",
+                    "-t",
+                    "-n",
+                    "sport",
+                    "=",
+                    &format!(":{port}"),
+                ]);
+                Ok((!quiet(&mut cmd)?.trim().is_empty()).then_some(()))
+            },
+        )
     }
 
     /// Replaces host a's address `from` with `to`; returns when `to` is in place.
@@ -558,8 +603,12 @@ pub struct Piped {
 impl Piped {
     pub fn spawn(mut cmd: Command, what: &str) -> Result<Piped> {
         show_line(&exec::shown(&cmd));
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let mut child = cmd.spawn().with_context(|| format!("could not start {what}"))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("could not start {what}"))?;
         let stdout: ChildStdout = child.stdout.take().expect("piped");
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
@@ -570,7 +619,11 @@ impl Piped {
                 }
             }
         });
-        Ok(Piped { child, lines, what: what.to_owned() })
+        Ok(Piped {
+            child,
+            lines,
+            what: what.to_owned(),
+        })
     }
 
     /// The next line, waiting at most `timeout`.
@@ -582,7 +635,10 @@ impl Piped {
                 Ok(line) => return Ok(line),
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait()?;
-                    bail!("{} ended ({status}) without printing what was expected", self.what);
+                    bail!(
+                        "{} ended ({status}) without printing what was expected",
+                        self.what
+                    );
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > deadline => {
                     bail!("{} printed nothing for {timeout:.0?}", self.what);
@@ -647,7 +703,11 @@ pub fn run_with_stdin(cmd: &mut Command, input: &str) -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("could not start `{}`", exec::shown(cmd)))?;
-    child.stdin.take().expect("piped").write_all(input.as_bytes())?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
@@ -672,15 +732,24 @@ fn ip_batch(ns: &str, script: &str) -> Result<()> {
 /// Raises this process's file limit, which every program the lab starts inherits, as far as
 /// allowed (raising the hard limit needs CAP_SYS_RESOURCE); returns the limit now in force.
 pub fn raise_file_limit() -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
-        let wanted = libc::rlimit { rlim_cur: NOFILE, rlim_max: NOFILE };
+        let wanted = libc::rlimit {
+            rlim_cur: NOFILE,
+            rlim_max: NOFILE,
+        };
         if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
             return NOFILE;
         }
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        let soft = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        let soft = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
         libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
     }
@@ -703,11 +772,19 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
 pub fn thread_cpu(pid: u32) -> Vec<(u32, String, f64)> {
     let ticks = 100.0; // USER_HZ, 100 on every Linux ABI that matters here
     let mut out = Vec::new();
-    for entry in fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
+    for entry in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
         let tid = entry.file_name().to_string_lossy().parse().unwrap_or(0);
         // comm is in parentheses and may hold spaces; the fields after it are plain.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
         let comm = stat[open + 1..close].to_owned();
         let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
         // After comm: state(0) ... utime is field 14 overall, so index 11 here; stime 12.
@@ -746,7 +823,11 @@ fn remove_cgroup(path: &Path) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    show_line(&format!("echo 1 > {}/cgroup.kill; rmdir {}", path.display(), path.display()));
+    show_line(&format!(
+        "echo 1 > {}/cgroup.kill; rmdir {}",
+        path.display(),
+        path.display()
+    ));
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         if fs::write(path.join("cgroup.kill"), "1").is_err() {
@@ -772,7 +853,9 @@ fn kill_netns_processes(ns: &str) {
     let me = std::process::id() as i32;
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
-        let Ok(pids) = ip(&format!("netns pids {ns}")) else { return };
+        let Ok(pids) = ip(&format!("netns pids {ns}")) else {
+            return;
+        };
         let pids: Vec<i32> = pids
             .split_whitespace()
             .filter_map(|p| p.parse().ok())
@@ -816,18 +899,29 @@ pub fn remove_leftovers() {
     }
     for entry in fs::read_dir(&mount).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let pid = name.strip_prefix(&format!("{PREFIX}-")).and_then(|p| p.parse::<u32>().ok());
+        let pid = name
+            .strip_prefix(&format!("{PREFIX}-"))
+            .and_then(|p| p.parse::<u32>().ok());
         if pid.is_some_and(|p| !alive(p)) {
-            println!("Removing cgroup {}, left behind by an earlier bench.", entry.path().display());
+            println!(
+                "Removing cgroup {}, left behind by an earlier bench.",
+                entry.path().display()
+            );
             for group in Group::ALL {
                 let _ = remove_cgroup(&entry.path().join(group.dir_name()));
             }
             let _ = remove_cgroup(&entry.path());
         }
     }
-    for entry in fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+    for entry in fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let pid = name.strip_prefix(&format!("{PREFIX}-")).and_then(|p| p.parse::<u32>().ok());
+        let pid = name
+            .strip_prefix(&format!("{PREFIX}-"))
+            .and_then(|p| p.parse::<u32>().ok());
         if pid.is_some_and(|p| !alive(p)) {
             let _ = fs::remove_dir_all(entry.path());
         }

@@ -24,14 +24,28 @@ impl Bench {
     /// Throughput (1 and 8 streams) and request/response latency (1 B and 4 KiB), each
     /// variant once per round. The rocks variants alternate their order between rounds, so
     /// agent a restarts once per round.
-    pub(super) fn throughput_and_latency(&mut self, parts: &[&str], results: &mut Results) -> Result<()> {
+    pub(super) fn throughput_and_latency(
+        &mut self,
+        parts: &[&str],
+        results: &mut Results,
+    ) -> Result<()> {
         let (throughput, latency) = (parts.contains(&"throughput"), parts.contains(&"latency"));
         let per_round = self.plan.latency_count.div_ceil(self.plan.rounds);
         for round in 0..self.plan.rounds {
             let order = if round % 2 == 0 {
-                [Variant::Direct, Variant::Socat, Variant::Rocks, Variant::RocksNoFastPath]
+                [
+                    Variant::Direct,
+                    Variant::Socat,
+                    Variant::Rocks,
+                    Variant::RocksNoFastPath,
+                ]
             } else {
-                [Variant::Direct, Variant::Socat, Variant::RocksNoFastPath, Variant::Rocks]
+                [
+                    Variant::Direct,
+                    Variant::Socat,
+                    Variant::RocksNoFastPath,
+                    Variant::Rocks,
+                ]
             };
             for variant in order {
                 if let Some(fast) = variant.fast_path() {
@@ -81,9 +95,17 @@ impl Bench {
                             s.p50,
                             s.p99
                         );
-                        match results.latency.iter_mut().find(|l| l.variant == variant && l.size == size) {
+                        match results
+                            .latency
+                            .iter_mut()
+                            .find(|l| l.variant == variant && l.size == size)
+                        {
                             Some(l) => l.samples_us.extend(samples),
-                            None => results.latency.push(Latency { variant, size, samples_us: samples }),
+                            None => results.latency.push(Latency {
+                                variant,
+                                size,
+                                samples_us: samples,
+                            }),
                         }
                     }
                 }
@@ -94,17 +116,31 @@ impl Bench {
 
     /// One iperf3 run from a to b's iperf3 server; CPU from the cgroups of the client, the
     /// server and the relay (agents or socats).
-    pub(super) fn iperf(&mut self, variant: Variant, streams: u32, round: usize, secs: u32) -> Result<ThroughputRun> {
+    pub(super) fn iperf(
+        &mut self,
+        variant: Variant,
+        streams: u32,
+        round: usize,
+        secs: u32,
+    ) -> Result<ThroughputRun> {
         let (group, addr) = variant.target(IPERF_PORT);
         let relays = variant.relay_groups();
         let cpu = |bench: &Bench, groups: &[Group]| -> Result<f64> {
             groups.iter().map(|&g| bench.lab.cpu_seconds(g)).sum()
         };
-        let before = (cpu(self, &[group])?, cpu(self, &[Group::Servers])?, cpu(self, relays)?);
+        let before = (
+            cpu(self, &[group])?,
+            cpu(self, &[Group::Servers])?,
+            cpu(self, relays)?,
+        );
         let json = self.iperf_client(group, addr, streams, secs)?;
         // socat's per-connection children are counted once they have exited.
         lab::sleep(Duration::from_millis(300))?;
-        let after = (cpu(self, &[group])?, cpu(self, &[Group::Servers])?, cpu(self, relays)?);
+        let after = (
+            cpu(self, &[group])?,
+            cpu(self, &[Group::Servers])?,
+            cpu(self, relays)?,
+        );
         let received = &json["end"]["sum_received"];
         Ok(ThroughputRun {
             variant,
@@ -123,11 +159,18 @@ impl Bench {
 
     /// Runs iperf3 from host a and returns its JSON report, which says `error` if a stream
     /// failed (the exit status is not trusted for that).
-    pub(super) fn iperf_client(&mut self, group: Group, addr: SocketAddr, streams: u32, secs: u32) -> Result<Value> {
+    pub(super) fn iperf_client(
+        &mut self,
+        group: Group,
+        addr: SocketAddr,
+        streams: u32,
+        secs: u32,
+    ) -> Result<Value> {
         let mut cmd = self.lab.command(&self.lab.a, Some(group), "iperf3");
         cmd.args(["-c", &addr.ip().to_string(), "-p", &addr.port().to_string()])
             .args(["-t", &secs.to_string(), "-P", &streams.to_string(), "-J"]);
-        let (status, lines) = Piped::spawn(cmd, "iperf3 -c")?.collect(Duration::from_secs(u64::from(secs) + 60))?;
+        let (status, lines) =
+            Piped::spawn(cmd, "iperf3 -c")?.collect(Duration::from_secs(u64::from(secs) + 60))?;
         let text = lines.join("\n");
         let json: Value = serde_json::from_str(&text)
             .with_context(|| format!("iperf3 ({status}) printed no JSON report: {text}"))?;
@@ -143,14 +186,26 @@ impl Bench {
         let cmd = self.lab.helper(
             &self.lab.a,
             group,
-            &["pingpong", "--addr", &addr.to_string(), "--size", &size.to_string(), "--count", &count.to_string()],
+            &[
+                "pingpong",
+                "--addr",
+                &addr.to_string(),
+                "--size",
+                &size.to_string(),
+                "--count",
+                &count.to_string(),
+            ],
         );
         let lines = Piped::spawn(cmd, "the ping-pong client")?.finish(Duration::from_secs(300))?;
         let line = lines
             .iter()
             .find_map(|l| l.strip_prefix("samples_ns "))
             .context("the ping-pong client printed no samples")?;
-        Ok(line.split_whitespace().filter_map(|v| v.parse::<f64>().ok()).map(|ns| ns / 1e3).collect())
+        Ok(line
+            .split_whitespace()
+            .filter_map(|v| v.parse::<f64>().ok())
+            .map(|ns| ns / 1e3)
+            .collect())
     }
 
     /// Connect-to-first-byte times, in µs, of one fresh connection to each address in turn.
@@ -166,7 +221,11 @@ impl Bench {
             .map(|ns| ns / 1e3)
             .collect();
         if times.len() != addrs.len() {
-            bail!("the connecting client reported {} of {} connections", times.len(), addrs.len());
+            bail!(
+                "the connecting client reported {} of {} connections",
+                times.len(),
+                addrs.len()
+            );
         }
         Ok(times)
     }
@@ -181,21 +240,39 @@ impl Bench {
             let (group, addr) = variant.target(GREET_PORT);
             let samples = self.connect_times(group, &vec![addr; n])?;
             print_setup("to b", variant, &samples);
-            results.setup.push(SetupCase { case: "agent_peer", variant, samples_us: samples });
+            results.setup.push(SetupCase {
+                case: "agent_peer",
+                variant,
+                samples_us: samples,
+            });
         }
         let plain_c: SocketAddr = SocketAddrV4::new(C_IP, GREET_PORT).into();
         let samples = self.connect_times(Group::Plain, &vec![plain_c; n])?;
         print_setup("to c", Variant::Direct, &samples);
-        results.setup.push(SetupCase { case: "plain_peer", variant: Variant::Direct, samples_us: samples });
+        results.setup.push(SetupCase {
+            case: "plain_peer",
+            variant: Variant::Direct,
+            samples_us: samples,
+        });
 
-        let fresh: Vec<SocketAddr> = (0..n).map(|i| SocketAddrV4::new(c_extra(i), GREET_PORT).into()).collect();
+        let fresh: Vec<SocketAddr> = (0..n)
+            .map(|i| SocketAddrV4::new(c_extra(i), GREET_PORT).into())
+            .collect();
         let twice: Vec<SocketAddr> = fresh.iter().chain(&fresh).copied().collect();
         let mut samples = self.connect_times(Group::Kept, &twice)?;
         let cached = samples.split_off(n);
         print_setup("to a plain host, first time", Variant::Rocks, &samples);
         print_setup("to a plain host, cached", Variant::Rocks, &cached);
-        results.setup.push(SetupCase { case: "plain_first", variant: Variant::Rocks, samples_us: samples });
-        results.setup.push(SetupCase { case: "plain_cached", variant: Variant::Rocks, samples_us: cached });
+        results.setup.push(SetupCase {
+            case: "plain_first",
+            variant: Variant::Rocks,
+            samples_us: samples,
+        });
+        results.setup.push(SetupCase {
+            case: "plain_cached",
+            variant: Variant::Rocks,
+            samples_us: cached,
+        });
         let status = self.status("a")?;
         let cached_hosts = status["negative_cache"].as_array().map_or(0, Vec::len);
         results.notes.push(format!(
@@ -213,14 +290,20 @@ impl Bench {
     pub(super) fn recovery(&mut self, parts: &[&str], results: &mut Results) -> Result<()> {
         self.agent_a(true)?;
         let (_, addr) = Variant::Rocks.target(ECHO_PORT);
-        let cmd = self.lab.helper(&self.lab.a, Group::Kept, &["ticker", "--addr", &addr.to_string()]);
+        let cmd = self.lab.helper(
+            &self.lab.a,
+            Group::Kept,
+            &["ticker", "--addr", &addr.to_string()],
+        );
         let mut ticker = Piped::spawn(cmd, "the ticking client")?;
         let ready = ticker.next_line(Duration::from_secs(15))?;
         if !ready.starts_with("t ") {
             bail!("the ticking client said {ready:?}");
         }
         let udp = SocketAddrV4::new(B_IP, UDP_PORT).to_string();
-        let cmd = self.lab.helper(&self.lab.a, Group::Plain, &["probe", "--addr", &udp]);
+        let cmd = self
+            .lab
+            .helper(&self.lab.a, Group::Plain, &["probe", "--addr", &udp]);
         let mut probe = Piped::spawn(cmd, "the UDP probe")?;
         probe.next_line(Duration::from_secs(15))?;
         let destination = addr.to_string();
@@ -230,7 +313,10 @@ impl Bench {
             for trial in 0..self.plan.resume_trials {
                 lab::sleep(Duration::from_millis(500))?;
                 let next = if current == A_IP { A_IP_ALT } else { A_IP };
-                lab::ip(&format!("-n {} addr del {current}/24 dev eth0", self.lab.a.ns))?;
+                lab::ip(&format!(
+                    "-n {} addr del {current}/24 dev eth0",
+                    self.lab.a.ns
+                ))?;
                 let t = self.repaired(&mut ticker, &mut probe, &destination, true, || {
                     lab::ip(&format!("-n {} addr add {next}/24 dev eth0", self.lab.a.ns)).map(drop)
                 })?;
@@ -255,7 +341,9 @@ impl Bench {
                 lab::sleep(Duration::from_millis(500))?;
                 self.lab.set_a_link(false)?;
                 lab::sleep(self.plan.outage)?;
-                let t = self.repaired(&mut ticker, &mut probe, &destination, false, || self.lab.set_a_link(true))?;
+                let t = self.repaired(&mut ticker, &mut probe, &destination, false, || {
+                    self.lab.set_a_link(true)
+                })?;
                 println!(
                     "resume after a {} s outage, trial {}/{}: {}",
                     self.plan.outage.as_secs(),
@@ -273,13 +361,24 @@ impl Bench {
                 self.lab.blackhole_a(true)?;
                 let dropped = monotonic_ns();
                 let what = "agent a to notice the black hole";
-                let detected = lab::wait_for(what, Duration::from_secs(30), Duration::from_millis(5), || {
-                    let status = self.status("a")?;
-                    let state = connection(&status, &destination).map(|c| c["state"].as_str().unwrap_or("").to_owned());
-                    Ok(state.filter(|s| s != "active").map(|_| monotonic_ns()))
+                let detected = lab::wait_for(
+                    what,
+                    Duration::from_secs(30),
+                    Duration::from_millis(5),
+                    || {
+                        let status = self.status("a")?;
+                        let state = connection(&status, &destination)
+                            .map(|c| c["state"].as_str().unwrap_or("").to_owned());
+                        Ok(state.filter(|s| s != "active").map(|_| monotonic_ns()))
+                    },
+                )?;
+                let repair = self.repaired(&mut ticker, &mut probe, &destination, false, || {
+                    self.lab.blackhole_a(false)
                 })?;
-                let repair = self.repaired(&mut ticker, &mut probe, &destination, false, || self.lab.blackhole_a(false))?;
-                let t = BlackholeTrial { detect_ms: ms(detected - dropped), repair };
+                let t = BlackholeTrial {
+                    detect_ms: ms(detected - dropped),
+                    repair,
+                };
                 println!(
                     "black hole, trial {}/{}: the agent declared the transport dead after {:.0} ms; after the \
                      path was restored: {}",
@@ -316,9 +415,17 @@ impl Bench {
         Ok(ResumeTrial {
             command_ms,
             path_ms,
-            usable_ms: if usable_on_return { command_ms } else { path_ms },
+            usable_ms: if usable_on_return {
+                command_ms
+            } else {
+                path_ms
+            },
             answer_ms: ms(answer - started),
-            interruption_ms: if last > 0 { ms(answer - last) } else { f64::NAN },
+            interruption_ms: if last > 0 {
+                ms(answer - last)
+            } else {
+                f64::NAN
+            },
             agent_ms,
         })
     }
@@ -345,7 +452,15 @@ impl Bench {
         let cmd = self.lab.helper(
             &self.lab.a,
             Group::Kept,
-            &["hold", "--addr", &greet.to_string(), "--count", &n.to_string(), "--threads", "8"],
+            &[
+                "hold",
+                "--addr",
+                &greet.to_string(),
+                "--count",
+                &n.to_string(),
+                "--threads",
+                "8",
+            ],
         );
         let started = Instant::now();
         let mut hold = Piped::spawn(cmd, "the client holding connections")?;
@@ -424,7 +539,10 @@ impl Bench {
         }
         client.kill();
         let json: Value = serde_json::from_str(&text).unwrap_or_default();
-        let gbps = json["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
+        let gbps = json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e9;
         let error = json["error"].as_str().map(str::to_owned);
         let peak = (
             samples.iter().map(|s| s.0).max().unwrap_or(0),
@@ -434,20 +552,37 @@ impl Bench {
             "memory: {n} busy kept connections, fast path {}: {gbps:.2} Gbit/s in all{}; agent a {} MiB \
              at the peak ({} MiB before), agent b {} MiB ({} MiB before)",
             if fast_path { "on" } else { "off" },
-            error.as_ref().map_or(String::new(), |e| format!(" (iperf3 failed: {e})")),
+            error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (iperf3 failed: {e})")),
             mib(peak.0),
             mib(before.0),
             mib(peak.1),
             mib(before.1)
         );
-        Ok(Busy { connections: n as usize, fast_path, gbps, error, before, peak })
+        Ok(Busy {
+            connections: n as usize,
+            fast_path,
+            gbps,
+            error,
+            before,
+            peak,
+        })
     }
 
     pub(super) fn wait_for_no_connections(&mut self, timeout: Duration) -> Result<()> {
-        lab::wait_for("agent a to have no connections left", timeout, Duration::from_millis(200), || {
-            let status = self.status("a")?;
-            Ok(status["connections"].as_array().is_none_or(Vec::is_empty).then_some(()))
-        })
+        lab::wait_for(
+            "agent a to have no connections left",
+            timeout,
+            Duration::from_millis(200),
+            || {
+                let status = self.status("a")?;
+                Ok(status["connections"]
+                    .as_array()
+                    .is_none_or(Vec::is_empty)
+                    .then_some(()))
+            },
+        )
     }
 }
 
@@ -462,7 +597,11 @@ fn wait_answer(ticker: &mut Piped, after: u64, timeout: Duration) -> Result<(u64
             bail!("no answer came back within {timeout:.0?}: the connection did not recover");
         }
         let line = ticker.next_line(left)?;
-        let Some(t) = line.split_whitespace().nth(1).and_then(|t| t.parse::<u64>().ok()) else {
+        let Some(t) = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|t| t.parse::<u64>().ok())
+        else {
             continue;
         };
         if t > after {

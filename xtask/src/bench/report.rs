@@ -12,7 +12,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
-use super::{Plan, Variant, load_average, stats::{Summary, median, round}};
+use super::{
+    Plan, Variant, load_average,
+    stats::{Summary, median, round},
+};
 use crate::exec;
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -78,7 +81,6 @@ impl ResumeTrial {
     pub fn resume_ms(&self) -> f64 {
         (self.answer_ms - self.usable_ms).max(0.0)
     }
-
 
     pub fn describe(&self, command: &str) -> String {
         format!(
@@ -194,14 +196,23 @@ impl Results {
     }
 
     fn gbps(&self, variant: Variant, streams: u32) -> Option<Spread> {
-        Spread::of(&self.throughput_runs(variant, streams).iter().map(|r| r.gbps).collect::<Vec<_>>())
+        Spread::of(
+            &self
+                .throughput_runs(variant, streams)
+                .iter()
+                .map(|r| r.gbps)
+                .collect::<Vec<_>>(),
+        )
     }
 
     /// CPU seconds per GiB over the 1-stream runs: (relay only, everything).
     fn cpu_per_gib(&self, variant: Variant) -> Option<(Spread, Spread)> {
         let runs = self.throughput_runs(variant, 1);
         let relay: Vec<f64> = runs.iter().map(|r| r.relay_cpu / (r.bytes / GIB)).collect();
-        let total: Vec<f64> = runs.iter().map(|r| r.total_cpu() / (r.bytes / GIB)).collect();
+        let total: Vec<f64> = runs
+            .iter()
+            .map(|r| r.total_cpu() / (r.bytes / GIB))
+            .collect();
         Some((Spread::of(&relay)?, Spread::of(&total)?))
     }
 
@@ -246,7 +257,10 @@ impl Spread {
         if self.n == 1 {
             format!("{:.*}", digits, self.median)
         } else {
-            format!("{:.*} ({:.*}–{:.*})", digits, self.median, digits, self.min, digits, self.max)
+            format!(
+                "{:.*} ({:.*}–{:.*})",
+                digits, self.median, digits, self.min, digits, self.max
+            )
         }
     }
 }
@@ -256,12 +270,18 @@ pub fn write(results: &Results, out: &Path) -> Result<Vec<String>> {
     let dir = out.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let json_path = dir.join("results.json");
-    fs::write(&json_path, serde_json::to_string_pretty(&to_json(results))? + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
+    fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&to_json(results))? + "\n",
+    )
+    .with_context(|| format!("writing {}", json_path.display()))?;
     let svg_path = dir.join("chart.svg");
-    fs::write(&svg_path, chart(results)).with_context(|| format!("writing {}", svg_path.display()))?;
+    fs::write(&svg_path, chart(results))
+        .with_context(|| format!("writing {}", svg_path.display()))?;
     let md_path = out.join("benchmarks.md");
-    let kept = fs::read_to_string(&md_path).ok().and_then(|old| analysis_section(&old));
+    let kept = fs::read_to_string(&md_path)
+        .ok()
+        .and_then(|old| analysis_section(&old));
     fs::write(&md_path, markdown(results, kept.as_deref()))
         .with_context(|| format!("writing {}", md_path.display()))?;
     let shown = |p: &PathBuf| p.display().to_string();
@@ -290,7 +310,10 @@ fn machine(agent: &Path) -> Vec<(&'static str, String)> {
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0.0);
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
     let os = fs::read_to_string("/etc/os-release")
         .unwrap_or_default()
         .lines()
@@ -298,8 +321,9 @@ fn machine(agent: &Path) -> Vec<(&'static str, String)> {
         .map(|v| v.trim_matches('"').to_owned())
         .unwrap_or_default();
     let commit = first_line(Command::new("git").args(["rev-parse", "--short=12", "HEAD"]));
-    let dirty = exec::probe(Command::new("git").args(["status", "--porcelain", "--untracked-files=no"]))
-        .is_some_and(|s| !s.trim().is_empty());
+    let dirty =
+        exec::probe(Command::new("git").args(["status", "--porcelain", "--untracked-files=no"]))
+            .is_some_and(|s| !s.trim().is_empty());
     let iperf = first_line(Command::new("iperf3").arg("--version"));
     let socat = first_line(Command::new("socat").arg("-V").env("LC_ALL", "C"))
         .lines()
@@ -307,18 +331,29 @@ fn machine(agent: &Path) -> Vec<(&'static str, String)> {
         .unwrap_or_default()
         .to_owned();
     let socat = exec::probe(Command::new("socat").arg("-V"))
-        .and_then(|v| v.lines().find(|l| l.contains("socat version")).map(str::to_owned))
+        .and_then(|v| {
+            v.lines()
+                .find(|l| l.contains("socat version"))
+                .map(str::to_owned)
+        })
         .unwrap_or(socat);
     vec![
         ("CPU", format!("{cpus} × {model} (`nproc`: {cpus})")),
-        ("Memory", format!("{:.1} GiB", mem_kib / (1u64 << 20) as f64)),
+        (
+            "Memory",
+            format!("{:.1} GiB", mem_kib / (1u64 << 20) as f64),
+        ),
         ("Kernel", kernel),
         ("OS", os),
         (
             "rocks",
             format!(
                 "commit {commit}{}, agent built with `cargo build --release` ({})",
-                if dirty { " with uncommitted changes" } else { "" },
+                if dirty {
+                    " with uncommitted changes"
+                } else {
+                    ""
+                },
                 agent.display()
             ),
         ),
@@ -327,7 +362,9 @@ fn machine(agent: &Path) -> Vec<(&'static str, String)> {
 }
 
 fn first_line(cmd: &mut Command) -> String {
-    exec::probe(cmd).and_then(|s| s.lines().next().map(str::to_owned)).unwrap_or_default()
+    exec::probe(cmd)
+        .and_then(|s| s.lines().next().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 // --- markdown ----------------------------------------------------------------------------
@@ -355,7 +392,11 @@ fn markdown(r: &Results, analysis: Option<&str>) -> String {
         "What rocks costs when nothing breaks, and how fast it recovers when something does, \
          measured against direct TCP and a socat relay pair by `cargo xtask bench`{} on {} \
          (the run took {:.0} s).\n",
-        if p.quick { " --quick (a short run: fewer runs and trials)" } else { "" },
+        if p.quick {
+            " --quick (a short run: fewer runs and trials)"
+        } else {
+            ""
+        },
         r.date,
         r.took_secs
     );
@@ -458,7 +499,10 @@ fn results_table(w: &mut String, r: &Results) {
         "Each cell: the median, the range over runs in parentheses, and the ratio to direct TCP \
          (×). Latency and setup in µs, throughput in Gbit/s.\n"
     );
-    let _ = writeln!(w, "| Figure | direct TCP | socat relay pair | rocks | rocks, fast path off |");
+    let _ = writeln!(
+        w,
+        "| Figure | direct TCP | socat relay pair | rocks | rocks, fast path off |"
+    );
     let _ = writeln!(w, "| --- | --- | --- | --- | --- |");
     for streams in [1, 8] {
         let direct = r.gbps(Variant::Direct, streams).map(|s| s.median);
@@ -477,7 +521,11 @@ fn results_table(w: &mut String, r: &Results) {
                 }
             })
             .collect();
-        let what = if streams == 1 { "1 stream" } else { "8 streams" };
+        let what = if streams == 1 {
+            "1 stream"
+        } else {
+            "8 streams"
+        };
         let _ = writeln!(w, "| Throughput, {what} | {} |", cells.join(" | "));
     }
     for size in [1, 4096] {
@@ -493,7 +541,11 @@ fn results_table(w: &mut String, r: &Results) {
                     None => "–".into(),
                 })
                 .collect();
-            let _ = writeln!(w, "| Request/response latency, {name}, {label} | {} |", cells.join(" | "));
+            let _ = writeln!(
+                w,
+                "| Request/response latency, {name}, {label} | {} |",
+                cells.join(" | ")
+            );
         }
     }
     let setup_cell = |case: &str, v: Variant, direct: Option<f64>| match r.setup(case, v) {
@@ -541,8 +593,16 @@ fn results_table(w: &mut String, r: &Results) {
                 None => "–".into(),
             })
             .collect();
-        let _ = writeln!(w, "| CPU seconds per GiB, the relay (both agents, both socats) | {} |", relay.join(" | "));
-        let _ = writeln!(w, "| CPU seconds per GiB, everything (client, server, relay) | {} |", total.join(" | "));
+        let _ = writeln!(
+            w,
+            "| CPU seconds per GiB, the relay (both agents, both socats) | {} |",
+            relay.join(" | ")
+        );
+        let _ = writeln!(
+            w,
+            "| CPU seconds per GiB, everything (client, server, relay) | {} |",
+            total.join(" | ")
+        );
     }
     let _ = writeln!(w);
 }
@@ -559,13 +619,19 @@ fn recovery_table(w: &mut String, r: &Results) {
             return;
         }
         let s = Summary::of(&values);
-        let _ = writeln!(w, "| {what} | {:.1} | {:.1} | {:.1} | {} |", s.p50, s.p90, s.max, s.n);
+        let _ = writeln!(
+            w,
+            "| {what} | {:.1} | {:.1} | {:.1} | {} |",
+            s.p50, s.p90, s.max, s.n
+        );
     };
     let ip = &r.resume_ip;
     let outage = &r.resume_outage;
     let hole = &r.blackhole;
     let secs = r.plan.outage.as_secs();
-    let pick = |trials: &[ResumeTrial], f: fn(&ResumeTrial) -> f64| trials.iter().map(f).collect::<Vec<_>>();
+    let pick = |trials: &[ResumeTrial], f: fn(&ResumeTrial) -> f64| {
+        trials.iter().map(f).collect::<Vec<_>>()
+    };
     row(
         "Address change: `ip addr add` returned → first answer on the kept connection",
         pick(ip, ResumeTrial::resume_ms),
@@ -576,10 +642,14 @@ fn recovery_table(w: &mut String, r: &Results) {
     );
     row(
         "Address change: the agent's `last_resume_ms` (break noticed → resumed)",
-        ip.iter().filter_map(|t| t.agent_ms.map(|v| v as f64)).collect(),
+        ip.iter()
+            .filter_map(|t| t.agent_ms.map(|v| v as f64))
+            .collect(),
     );
     row(
-        &format!("{secs} s outage: `ip link set up` returned → path usable (first UDP probe answer; the kernel's link-up work)"),
+        &format!(
+            "{secs} s outage: `ip link set up` returned → path usable (first UDP probe answer; the kernel's link-up work)"
+        ),
         pick(outage, |t| (t.path_ms - t.command_ms).max(0.0)),
     );
     row(
@@ -615,8 +685,18 @@ fn memory_table(w: &mut String, r: &Results) {
     );
     let _ = writeln!(w, "| --- | --- | --- | --- | --- |");
     for (name, base, held, after) in [
-        ("a (attach, client side)", i.base.0, i.held.0, i.after_close.0),
-        ("b (serve, server side)", i.base.1, i.held.1, i.after_close.1),
+        (
+            "a (attach, client side)",
+            i.base.0,
+            i.held.0,
+            i.after_close.0,
+        ),
+        (
+            "b (serve, server side)",
+            i.base.1,
+            i.held.1,
+            i.after_close.1,
+        ),
     ] {
         let _ = writeln!(
             w,
@@ -641,7 +721,10 @@ fn memory_table(w: &mut String, r: &Results) {
         w,
         "With {n} busy kept connections (iperf3, one stream each, agents started afresh), peak RSS:\n"
     );
-    let _ = writeln!(w, "| Fast path | carried | agent a: before → peak (per connection) | agent b: before → peak (per connection) | iperf3 |");
+    let _ = writeln!(
+        w,
+        "| Fast path | carried | agent a: before → peak (per connection) | agent b: before → peak (per connection) | iperf3 |"
+    );
     let _ = writeln!(w, "| --- | --- | --- | --- | --- |");
     for b in &m.busy {
         let _ = writeln!(
@@ -655,7 +738,9 @@ fn memory_table(w: &mut String, r: &Results) {
             mib(b.before.1),
             mib(b.peak.1),
             per(b.peak.1, b.before.1, b.connections),
-            b.error.as_ref().map_or("ok".to_owned(), |e| format!("**failed**: {e}")),
+            b.error
+                .as_ref()
+                .map_or("ok".to_owned(), |e| format!("**failed**: {e}")),
         );
     }
     let _ = writeln!(w);
@@ -684,7 +769,9 @@ fn targets_table(w: &mut String, r: &Results) {
         r.gbps(Variant::RocksNoFastPath, 1),
     ) {
         let share = k.median / d.median;
-        let off = k_off.map_or(String::new(), |o| format!(" (fast path off: {:.0} %)", o.median / d.median * 100.0));
+        let off = k_off.map_or(String::new(), |o| {
+            format!(" (fast path off: {:.0} %)", o.median / d.median * 100.0)
+        });
         let _ = writeln!(
             w,
             "| 1-stream throughput ≥ 70 % of direct TCP | {:.0} % ({:.2} of {:.2} Gbit/s){off} | {} |",
@@ -703,11 +790,16 @@ fn targets_table(w: &mut String, r: &Results) {
         );
     }
     for size in [1, 4096] {
-        if let (Some(d), Some(k)) = (r.latency(Variant::Direct, size), r.latency(Variant::Rocks, size)) {
+        if let (Some(d), Some(k)) = (
+            r.latency(Variant::Direct, size),
+            r.latency(Variant::Rocks, size),
+        ) {
             let added = k.p50 - d.p50;
             let off = r
                 .latency(Variant::RocksNoFastPath, size)
-                .map_or(String::new(), |o| format!("; fast path off: +{:.1} µs", o.p50 - d.p50));
+                .map_or(String::new(), |o| {
+                    format!("; fast path off: +{:.1} µs", o.p50 - d.p50)
+                });
             let name = if size == 1 { "1 B" } else { "4 KiB" };
             let _ = writeln!(
                 w,
@@ -751,7 +843,8 @@ fn targets_table(w: &mut String, r: &Results) {
     }
     if let Some(m) = &r.memory {
         let i = &m.idle;
-        let per = |held: u64, base: u64| (held as f64 - base as f64) / i.connections as f64 / 1024.0;
+        let per =
+            |held: u64, base: u64| (held as f64 - base as f64) / i.connections as f64 / 1024.0;
         let (a, b) = (per(i.held.0, i.base.0), per(i.held.1, i.base.1));
         let _ = writeln!(
             w,
@@ -797,7 +890,8 @@ fn to_json(r: &Results) -> Value {
             })
         })
         .collect();
-    let resume = |trials: &[ResumeTrial]| -> Vec<Value> { trials.iter().map(ResumeTrial::json).collect() };
+    let resume =
+        |trials: &[ResumeTrial]| -> Vec<Value> { trials.iter().map(ResumeTrial::json).collect() };
     let blackhole: Vec<Value> = r
         .blackhole
         .iter()
@@ -866,7 +960,11 @@ fn chart(r: &Results) -> String {
     let throughput: Vec<Group> = [1, 8]
         .iter()
         .map(|&streams| {
-            let label = if streams == 1 { "1 stream".to_owned() } else { format!("{streams} streams") };
+            let label = if streams == 1 {
+                "1 stream".to_owned()
+            } else {
+                format!("{streams} streams")
+            };
             let bars = Variant::ALL
                 .iter()
                 .map(|&v| r.gbps(v, streams).map(|s| (s.median, s.min, s.max)))
@@ -874,7 +972,15 @@ fn chart(r: &Results) -> String {
             (label, bars)
         })
         .collect();
-    panel(&mut svg, 60.0, 40.0, 400.0, 300.0, "Throughput (Gbit/s, median and range)", &throughput);
+    panel(
+        &mut svg,
+        60.0,
+        40.0,
+        400.0,
+        300.0,
+        "Throughput (Gbit/s, median and range)",
+        &throughput,
+    );
     let latency: Vec<Group> = [(1, "1 B"), (4096, "4 KiB")]
         .iter()
         .flat_map(|&(size, name)| {
@@ -892,12 +998,29 @@ fn chart(r: &Results) -> String {
             })
         })
         .collect();
-    panel(&mut svg, 560.0, 40.0, 400.0, 300.0, "Request/response latency (µs)", &latency);
+    panel(
+        &mut svg,
+        560.0,
+        40.0,
+        400.0,
+        300.0,
+        "Request/response latency (µs)",
+        &latency,
+    );
     // Legend.
     let mut x = 60.0;
     for (i, v) in Variant::ALL.iter().enumerate() {
-        let _ = writeln!(svg, r#"<rect x="{x}" y="395" width="14" height="14" fill="{}"/>"#, COLORS[i]);
-        let _ = writeln!(svg, r#"<text x="{}" y="406">{}</text>"#, x + 20.0, v.label());
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{x}" y="395" width="14" height="14" fill="{}"/>"#,
+            COLORS[i]
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="406">{}</text>"#,
+            x + 20.0,
+            v.label()
+        );
         x += 40.0 + 7.0 * v.label().len() as f64;
     }
     let _ = writeln!(svg, "</svg>");
@@ -911,7 +1034,12 @@ fn panel(svg: &mut String, x0: f64, y0: f64, w: f64, h: f64, title: &str, groups
         .fold(0.0, f64::max);
     let (scale_max, step) = nice_axis(top);
     let y = |v: f64| y0 + h - v / scale_max * h;
-    let _ = writeln!(svg, r#"<text x="{}" y="{}" font-size="14" font-weight="bold">{title}</text>"#, x0, y0 - 15.0);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" font-size="14" font-weight="bold">{title}</text>"#,
+        x0,
+        y0 - 15.0
+    );
     let mut tick = 0.0;
     while tick <= scale_max + 1e-9 {
         let _ = writeln!(
@@ -926,14 +1054,26 @@ fn panel(svg: &mut String, x0: f64, y0: f64, w: f64, h: f64, title: &str, groups
         );
         tick += step;
     }
-    let _ = writeln!(svg, r#"<line x1="{x0}" x2="{x0}" y1="{y0}" y2="{}" stroke="black"/>"#, y0 + h);
-    let _ = writeln!(svg, r#"<line x1="{x0}" x2="{}" y1="{}" y2="{}" stroke="black"/>"#, x0 + w, y0 + h, y0 + h);
+    let _ = writeln!(
+        svg,
+        r#"<line x1="{x0}" x2="{x0}" y1="{y0}" y2="{}" stroke="black"/>"#,
+        y0 + h
+    );
+    let _ = writeln!(
+        svg,
+        r#"<line x1="{x0}" x2="{}" y1="{}" y2="{}" stroke="black"/>"#,
+        x0 + w,
+        y0 + h,
+        y0 + h
+    );
     let group_w = w / groups.len().max(1) as f64;
     for (g, (label, bars)) in groups.iter().enumerate() {
         let gx = x0 + g as f64 * group_w;
         let bar_w = (group_w - 20.0) / bars.len().max(1) as f64;
         for (i, bar) in bars.iter().enumerate() {
-            let Some((value, lo, hi)) = *bar else { continue };
+            let Some((value, lo, hi)) = *bar else {
+                continue;
+            };
             let bx = gx + 10.0 + i as f64 * bar_w;
             let _ = writeln!(
                 svg,
@@ -976,7 +1116,11 @@ fn nice_axis(max: f64) -> (f64, f64) {
     }
     let raw = max / 5.0;
     let power = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * power).find(|s| *s >= raw).unwrap_or(10.0 * power);
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * power)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * power);
     ((max / step).ceil() * step, step)
 }
 

@@ -73,7 +73,10 @@ mod tests {
     fn percentiles() {
         let s: Vec<f64> = (1..=101).map(f64::from).collect();
         let sum = Summary::of(&s);
-        assert_eq!((sum.min, sum.p50, sum.p99, sum.max), (1.0, 51.0, 100.0, 101.0));
+        assert_eq!(
+            (sum.min, sum.p50, sum.p99, sum.max),
+            (1.0, 51.0, 100.0, 101.0)
+        );
         assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
         assert!(percentile(&[], 50.0).is_nan());
     }

@@ -89,28 +89,43 @@ pub enum Helper {
 
 pub fn run(helper: Helper) -> Result<()> {
     match helper {
-        Helper::Serve { port, mode } => {
-            match mode.as_str() {
-                "echo" => serve_echo(listener(port)?),
-                "greet" => serve_greet(listener(port)?),
-                "udp" => serve_udp(port),
-                other => bail!("unknown mode {other:?}"),
-            }
-        }
-        Helper::Pingpong { addr, size, count, warmup } => pingpong(addr, size, count, warmup),
+        Helper::Serve { port, mode } => match mode.as_str() {
+            "echo" => serve_echo(listener(port)?),
+            "greet" => serve_greet(listener(port)?),
+            "udp" => serve_udp(port),
+            other => bail!("unknown mode {other:?}"),
+        },
+        Helper::Pingpong {
+            addr,
+            size,
+            count,
+            warmup,
+        } => pingpong(addr, size, count, warmup),
         Helper::Setup { addr, pause_ms } => setup(&addr, Duration::from_millis(pause_ms)),
         Helper::Ticker { addr, interval_us } => ticker(addr, interval_us),
         Helper::Probe { addr, interval_us } => probe(addr, interval_us),
-        Helper::Hold { addr, count, threads } => hold(addr, count, threads),
+        Helper::Hold {
+            addr,
+            count,
+            threads,
+        } => hold(addr, count, threads),
     }
 }
 
 /// A listener with a deep backlog (std's is 128), for bursts of thousands of connects.
 fn listener(port: u16) -> Result<TcpListener> {
-    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)))
-        .with_context(|| format!("binding port {port}"))?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)),
+    )
+    .with_context(|| format!("binding port {port}"))?;
     listen(&fd, Backlog::new(4096)?)?;
     Ok(TcpListener::from(fd))
 }
@@ -144,7 +159,10 @@ fn serve_greet(listener: TcpListener) -> Result<()> {
         return Err(std::io::Error::last_os_error()).context("epoll_create1");
     }
     let add = |fd: RawFd| -> Result<()> {
-        let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: fd as u64,
+        };
         // SAFETY: `event` lives across the call.
         if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut event) } < 0 {
             return Err(std::io::Error::last_os_error()).context("epoll_ctl");
@@ -194,7 +212,9 @@ fn serve_greet(listener: TcpListener) -> Result<()> {
                 }
                 continue;
             }
-            let Some(stream) = conns.get_mut(&fd) else { continue };
+            let Some(stream) = conns.get_mut(&fd) else {
+                continue;
+            };
             let closed = loop {
                 match stream.read(&mut buf) {
                     Ok(0) => break true,

@@ -10,35 +10,39 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-/// Declares the subcommands. Each is a module with a clap `Options` struct (its doc comment is
-/// the command's help) and `run(Options) -> Result<()>`, so adding one is one line below.
-macro_rules! subcommands {
-    ($($variant:ident => $module:ident),+ $(,)?) => {
-        $(mod $module;)+
+mod bench;
+mod build;
+mod demo;
+mod image;
+mod setup;
+mod test;
+mod vm_test;
 
-        #[derive(Subcommand)]
-        enum Command {
-            $($variant($module::Options),)+
-        }
-
-        impl Command {
-            fn run(self) -> Result<()> {
-                match self {
-                    $(Command::$variant(options) => $module::run(options),)+
-                }
-            }
-        }
-    };
+/// The subcommands. Each is a module with a clap `Options` struct (its doc comment is the
+/// command's help) and `run(Options) -> Result<()>`.
+#[derive(Subcommand)]
+enum Command {
+    Setup(setup::Options),
+    Build(build::Options),
+    Test(test::Options),
+    Demo(demo::Options),
+    Bench(bench::Options),
+    VmTest(vm_test::Options),
+    Image(image::Options),
 }
 
-subcommands! {
-    Setup => setup,
-    Build => build,
-    Test => test,
-    Demo => demo,
-    Bench => bench,
-    VmTest => vm_test,
-    Image => image,
+impl Command {
+    fn run(self) -> Result<()> {
+        match self {
+            Command::Setup(options) => setup::run(options),
+            Command::Build(options) => build::run(options),
+            Command::Test(options) => test::run(options),
+            Command::Demo(options) => demo::run(options),
+            Command::Bench(options) => bench::run(options),
+            Command::VmTest(options) => vm_test::run(options),
+            Command::Image(options) => image::run(options),
+        }
+    }
 }
 
 /// Project tasks for rocks.

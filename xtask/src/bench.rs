@@ -49,8 +49,10 @@ pub struct Options {
     /// idle connections instead of 10,000.
     #[arg(long)]
     quick: bool,
-    /// Also profile the agents: perf (CPU by function during a transfer, per-thread CPU) and
-    /// heaptrack (heap by allocation site with idle connections); needs perf and heaptrack.
+    /// Also profile the agents: perf (CPU by function during a transfer; syscalls, context
+    /// switches and CPU per request/response) and heaptrack (heap by agent source line, idle and
+    /// busy). Builds the agent once more with line tables; needs perf and heaptrack
+    /// (`apt-get install linux-perf heaptrack`).
     #[arg(long)]
     profile: bool,
     /// Only these parts (comma-separated): throughput, latency, setup, resume, outage,
@@ -67,6 +69,9 @@ pub struct Options {
     /// (for poking at the agents by hand); measures nothing.
     #[arg(long, hide = true)]
     hold: bool,
+    /// With --profile: profile this agent binary (default: the agent built with line tables).
+    #[arg(long, hide = true, value_name = "PATH")]
+    profile_agent: Option<PathBuf>,
     /// Print every command the bench runs.
     #[arg(long, short)]
     verbose: bool,
@@ -146,13 +151,37 @@ impl Plan {
     }
 }
 
+/// Whether the agent keeps its fast path on by default (read from `attach --help` at the
+/// start): the `rocks` variant runs the default, `rocks_fast_path_*` the other setting.
+static DEFAULT_FAST_PATH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn default_fast_path() -> bool {
+    DEFAULT_FAST_PATH.load(Ordering::Relaxed)
+}
+
+/// Reads the agent's default `--fast-path` from its help text (`[default: off]`).
+fn detect_default_fast_path(agent: &Path) -> Result<bool> {
+    let help = exec::stdout(Command::new(agent).args(["attach", "--help"]))?;
+    let after = help
+        .split_once("--fast-path")
+        .map(|(_, rest)| rest)
+        .context("the agent's `attach --help` lists no --fast-path")?;
+    let default = after
+        .split_once("[default: ")
+        .and_then(|(_, rest)| rest.split(']').next())
+        .context("the agent's `attach --help` gives no default for --fast-path")?;
+    Ok(default.trim() == "on")
+}
+
 /// What carries the bytes from the client on a to the server on b.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     Direct,
     Socat,
+    /// The agents as configured by default.
     Rocks,
-    RocksNoFastPath,
+    /// The agents with the fast path set the other way.
+    RocksOtherFastPath,
 }
 
 impl Variant {
@@ -160,32 +189,35 @@ impl Variant {
         Variant::Direct,
         Variant::Socat,
         Variant::Rocks,
-        Variant::RocksNoFastPath,
+        Variant::RocksOtherFastPath,
     ];
 
     pub fn key(self) -> &'static str {
-        match self {
-            Variant::Direct => "direct",
-            Variant::Socat => "socat",
-            Variant::Rocks => "rocks",
-            Variant::RocksNoFastPath => "rocks_fast_path_off",
+        match (self, default_fast_path()) {
+            (Variant::Direct, _) => "direct",
+            (Variant::Socat, _) => "socat",
+            (Variant::Rocks, _) => "rocks",
+            (Variant::RocksOtherFastPath, false) => "rocks_fast_path_on",
+            (Variant::RocksOtherFastPath, true) => "rocks_fast_path_off",
         }
     }
 
     pub fn label(self) -> &'static str {
-        match self {
-            Variant::Direct => "direct TCP",
-            Variant::Socat => "socat relay pair",
-            Variant::Rocks => "rocks",
-            Variant::RocksNoFastPath => "rocks, fast path off",
+        match (self, default_fast_path()) {
+            (Variant::Direct, _) => "direct TCP",
+            (Variant::Socat, _) => "socat relay pair",
+            (Variant::Rocks, false) => "rocks (fast path off, the default)",
+            (Variant::Rocks, true) => "rocks (fast path on, the default)",
+            (Variant::RocksOtherFastPath, false) => "rocks, fast path on",
+            (Variant::RocksOtherFastPath, true) => "rocks, fast path off",
         }
     }
 
     /// The fast path setting the client's agent needs, for the rocks variants.
     fn fast_path(self) -> Option<bool> {
         match self {
-            Variant::Rocks => Some(true),
-            Variant::RocksNoFastPath => Some(false),
+            Variant::Rocks => Some(default_fast_path()),
+            Variant::RocksOtherFastPath => Some(!default_fast_path()),
             _ => None,
         }
     }
@@ -198,7 +230,7 @@ impl Variant {
                 Group::Plain,
                 (std::net::Ipv4Addr::LOCALHOST, port + SOCAT_A_OFFSET).into(),
             ),
-            Variant::Rocks | Variant::RocksNoFastPath => (Group::Kept, (lab::B_IP, port).into()),
+            Variant::Rocks | Variant::RocksOtherFastPath => (Group::Kept, (lab::B_IP, port).into()),
         }
     }
 
@@ -207,7 +239,7 @@ impl Variant {
         match self {
             Variant::Direct => &[],
             Variant::Socat => &[Group::RelayA, Group::RelayB],
-            Variant::Rocks | Variant::RocksNoFastPath => &[Group::AgentA, Group::AgentB],
+            Variant::Rocks | Variant::RocksOtherFastPath => &[Group::AgentA, Group::AgentB],
         }
     }
 }
@@ -257,6 +289,14 @@ pub fn run(options: Options) -> Result<()> {
             build::agent_binary(true)?
         }
     };
+    // The profile runs the same code built with line tables, so that heaptrack can name the
+    // agent's source lines (line tables do not change the generated code).
+    let profile_agent = match (&options.profile_agent, &options.agent, options.profile) {
+        (_, _, false) => None,
+        (Some(path), _, true) => Some(path.clone()),
+        (None, Some(path), true) => Some(path.clone()),
+        (None, None, true) => Some(build_profile_agent()?),
+    };
     for tool in ["iperf3", "socat", "nft", "nsenter", "ss"] {
         if exec::probe(Command::new("sh").args(["-c", &format!("command -v {tool}")])).is_none() {
             bail!("{tool} is missing (`cargo xtask setup` installs it)");
@@ -266,6 +306,7 @@ pub fn run(options: Options) -> Result<()> {
         Some(dir) => dir.clone(),
         None => workspace_root().join("docs"),
     };
+    DEFAULT_FAST_PATH.store(detect_default_fast_path(&agent)?, Ordering::Relaxed);
     lab::remove_leftovers();
 
     let mut plan = Plan::new(options.quick);
@@ -296,7 +337,7 @@ pub fn run(options: Options) -> Result<()> {
     );
     let mut results = report::Results::new(&plan, &agent);
     results.notes.extend(limit_note);
-    let mut bench = Bench::new(&agent, plan)?;
+    let mut bench = Bench::new(&agent, profile_agent.as_deref(), plan)?;
     if options.hold {
         let outcome = bench.hold();
         bench.lab.cleanup();
@@ -320,7 +361,23 @@ pub fn run(options: Options) -> Result<()> {
     Ok(())
 }
 
-fn workspace_root() -> PathBuf {
+/// `cargo build --release` of the agent with line tables, in a target directory of its own
+/// (so the release binary the bench measures stays as it is).
+fn build_profile_agent() -> Result<PathBuf> {
+    let release = build::agent_binary(true)?;
+    let target = release
+        .parent()
+        .and_then(Path::parent)
+        .context("the agent binary is not in <target>/release")?
+        .join("bench-profile");
+    let mut cmd = exec::command("cargo build --release --package rocks-agent");
+    cmd.env("CARGO_TARGET_DIR", &target)
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "line-tables-only");
+    exec::run(&mut cmd)?;
+    Ok(target.join("release").join("rocks-agent"))
+}
+
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask sits in the workspace")
@@ -345,8 +402,8 @@ pub struct Bench {
 }
 
 impl Bench {
-    fn new(agent: &Path, plan: Plan) -> Result<Bench> {
-        let lab = Lab::new(agent, plan.setup_trials)?;
+    fn new(agent: &Path, profile_agent: Option<&Path>, plan: Plan) -> Result<Bench> {
+        let lab = Lab::new(agent, profile_agent, plan.setup_trials)?;
         Ok(Bench {
             lab,
             plan,
@@ -387,7 +444,7 @@ impl Bench {
 
     fn hold(&mut self) -> Result<()> {
         self.start_servers()?;
-        let a = self.agent_a(true)?;
+        let a = self.agent_a(default_fast_path())?;
         println!(
             "Holding the lab until Ctrl-C. Namespaces {} (a), {} (b), {} (switch); cgroups {} \
              (kept) and {} (plain); agent a pid {a} (run dir {}), agent b pid {:?} (run dir {}); \

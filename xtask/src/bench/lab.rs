@@ -188,6 +188,8 @@ pub struct Lab {
     pub switch: String,
     /// Copies of the agent and of this program, so a rebuild meanwhile changes nothing.
     pub agent: PathBuf,
+    /// The agent `--profile` runs (built with line tables), if profiling.
+    pub profile_agent: Option<PathBuf>,
     pub helper: PathBuf,
     /// Long-running programs, stopped in reverse order.
     programs: Vec<Program>,
@@ -207,7 +209,7 @@ pub fn c_extra(n: usize) -> Ipv4Addr {
 }
 
 impl Lab {
-    pub fn new(agent: &Path, c_extras: usize) -> Result<Lab> {
+    pub fn new(agent: &Path, profile_agent: Option<&Path>, c_extras: usize) -> Result<Lab> {
         let pid = std::process::id();
         let tag = format!("{PREFIX}{pid}");
         let dir = std::env::temp_dir().join(format!("{PREFIX}-{pid}"));
@@ -220,6 +222,9 @@ impl Lab {
             Ok(to)
         };
         let agent = copy(agent, "rocks-agent")?;
+        let profile_agent = profile_agent
+            .map(|p| copy(p, "rocks-agent-profile"))
+            .transpose()?;
         // /proc/self/exe still reads if cargo replaced the file meanwhile.
         let helper = copy(Path::new("/proc/self/exe"), "xtask-bench")?;
         let unset = |name: &str| Host {
@@ -236,6 +241,7 @@ impl Lab {
             namespaces: Vec::new(),
             cgroup_root: None,
             agent,
+            profile_agent,
             helper,
             programs: Vec::new(),
             blackholed: std::cell::Cell::new(false),

@@ -37,13 +37,13 @@ impl Bench {
                     Variant::Direct,
                     Variant::Socat,
                     Variant::Rocks,
-                    Variant::RocksNoFastPath,
+                    Variant::RocksOtherFastPath,
                 ]
             } else {
                 [
                     Variant::Direct,
                     Variant::Socat,
-                    Variant::RocksNoFastPath,
+                    Variant::RocksOtherFastPath,
                     Variant::Rocks,
                 ]
             };
@@ -62,12 +62,6 @@ impl Bench {
                                 variant.label(),
                                 run.bytes / GIB
                             );
-                            results.notes.push(format!(
-                                "Throughput, {}, {streams} stream(s), round {}: iperf3 failed after {:.0} MiB: \"{error}\".",
-                                variant.label(),
-                                round + 1,
-                                run.bytes / f64::from(1u32 << 20)
-                            ));
                             results.throughput.push(run);
                             continue;
                         }
@@ -234,7 +228,7 @@ impl Bench {
     /// host without an agent, first (the agent probes, is refused, relays plain and caches
     /// that) and again (the connect is not redirected any more).
     pub(super) fn setup_times(&mut self, results: &mut Results) -> Result<()> {
-        self.agent_a(true)?;
+        self.agent_a(super::default_fast_path())?;
         let n = self.plan.setup_trials;
         for variant in [Variant::Direct, Variant::Socat, Variant::Rocks] {
             let (group, addr) = variant.target(GREET_PORT);
@@ -288,7 +282,7 @@ impl Bench {
     /// ticker) and, beside it, a UDP datagram to b every millisecond (the probe), whose first
     /// answer after a repair shows when the path itself works again.
     pub(super) fn recovery(&mut self, parts: &[&str], results: &mut Results) -> Result<()> {
-        self.agent_a(true)?;
+        self.agent_a(super::default_fast_path())?;
         let (_, addr) = Variant::Rocks.target(ECHO_PORT);
         let cmd = self.lab.helper(
             &self.lab.a,
@@ -440,7 +434,7 @@ impl Bench {
     /// one-time allocations are not charged to the connections).
     pub(super) fn memory(&mut self, results: &mut Results) -> Result<()> {
         self.start_agent_b()?;
-        let a = self.restart_agent_a(true, None)?;
+        let a = self.restart_agent_a(super::default_fast_path(), None)?;
         let b = self.agent_b.context("agent b runs")?;
         let greet: SocketAddr = SocketAddrV4::new(B_IP, GREET_PORT).into();
         self.connect_times(Group::Kept, &[greet])?;

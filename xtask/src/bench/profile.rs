@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use super::{
     Bench, GREET_PORT, Variant,
     lab::{self, B_IP, Group, Piped, thread_cpu},
+    report::Profile,
     stats::round,
 };
 use crate::exec;
@@ -31,11 +32,23 @@ const GIB: f64 = (1u64 << 30) as f64;
 const TOP: usize = 25;
 
 impl Bench {
-    pub(super) fn profile(&mut self) -> Result<(String, Value)> {
+    /// The profile's markdown, its data, and whole reports to keep as files.
+    pub(super) fn profile(&mut self) -> Result<Profile> {
+        let measured = self.lab.agent.clone();
+        if let Some(profiled) = self.lab.profile_agent.clone() {
+            self.lab.agent = profiled;
+        }
+        let result = self.profile_agents();
+        self.lab.agent = measured;
+        result
+    }
+
+    fn profile_agents(&mut self) -> Result<Profile> {
         let dir = self.lab.dir().join("profile");
         fs::create_dir_all(&dir)?;
         let mut md = String::new();
         let mut raw = serde_json::Map::new();
+        let mut files = Vec::new();
         if have("perf") {
             println!("profile: CPU of both agents during a 1-stream transfer (perf)");
             let (text, data) = self.cpu_profile(&dir)?;
@@ -54,7 +67,7 @@ impl Bench {
         }
         if have("heaptrack") {
             println!("profile: heap of both agents holding idle connections (heaptrack)");
-            let (text, data) = self.heap_profile(&dir)?;
+            let (text, data) = self.heap_profile(&dir, &mut files)?;
             md.push_str(&text);
             raw.insert("heap".into(), data);
         } else {
@@ -62,7 +75,11 @@ impl Bench {
                 "No heap profile: heaptrack is not installed (`apt-get install heaptrack`).\n\n",
             );
         }
-        Ok((md, Value::Object(raw)))
+        Ok(Profile {
+            markdown: md,
+            data: Value::Object(raw),
+            files,
+        })
     }
 
     /// One system-wide `perf record` per fast path setting during a 1-stream transfer, then a
@@ -318,43 +335,54 @@ impl Bench {
     }
 
     /// Two heaptrack runs of both agents: holding idle connections, and carrying busy ones.
-    fn heap_profile(&mut self, dir: &Path) -> Result<(String, Value)> {
+    fn heap_profile(
+        &mut self,
+        dir: &Path,
+        keep: &mut Vec<(String, String)>,
+    ) -> Result<(String, Value)> {
         let n = self.plan.profile_connections;
         let busy = self.plan.busy_connections;
         let secs = self.plan.profile_secs;
         let mut md = String::from(
-            "### Heap\n\nBoth agents under heaptrack; the largest heap consumers at the peak, by \
-             allocation site (the allocating function, and the first agent function on its stack). \
-             heaptrack's units: 1 K = 1000 bytes.\n\n",
+            "### Heap\n\nBoth agents under heaptrack (the agent built with line tables). The \
+             largest heap consumers at the peak of each run, one row per call path: how much \
+             was live, over how many allocations, the agent source line that asked for it (with \
+             the line as it is in this tree), and the allocating function. heaptrack's units: \
+             1 K = 1000 bytes.\n\n",
         );
         let mut data = serde_json::Map::new();
 
-        let (files, peak_of) = self.heaptracked(dir, "idle", true, |bench| {
-            let greet: SocketAddr = SocketAddrV4::new(B_IP, GREET_PORT).into();
-            let cmd = bench.lab.helper(
-                &bench.lab.a,
-                Group::Kept,
-                &[
-                    "hold",
-                    "--addr",
-                    &greet.to_string(),
-                    "--count",
-                    &n.to_string(),
-                    "--threads",
-                    "4",
-                ],
-            );
-            let mut hold = Piped::spawn(cmd, "the client holding connections")?;
-            let ready = hold.next_line(Duration::from_secs(600))?;
-            if ready != format!("ready {n}") {
-                bail!("the client holding connections said {ready:?}");
-            }
-            lab::sleep(Duration::from_secs(2))?;
-            hold.kill();
-            Ok(())
-        })?;
-        let _ = writeln!(md, "#### {n} idle kept connections (fast path on)\n");
-        heap_tables(&mut md, &mut data, "idle", &files, Some(n), &peak_of)?;
+        let (files, peak_of) =
+            self.heaptracked(dir, "idle", super::default_fast_path(), |bench| {
+                let greet: SocketAddr = SocketAddrV4::new(B_IP, GREET_PORT).into();
+                let cmd = bench.lab.helper(
+                    &bench.lab.a,
+                    Group::Kept,
+                    &[
+                        "hold",
+                        "--addr",
+                        &greet.to_string(),
+                        "--count",
+                        &n.to_string(),
+                        "--threads",
+                        "4",
+                    ],
+                );
+                let mut hold = Piped::spawn(cmd, "the client holding connections")?;
+                let ready = hold.next_line(Duration::from_secs(600))?;
+                if ready != format!("ready {n}") {
+                    bail!("the client holding connections said {ready:?}");
+                }
+                lab::sleep(Duration::from_secs(2))?;
+                hold.kill();
+                Ok(())
+            })?;
+        let _ = writeln!(
+            md,
+            "#### {n} idle kept connections ({})\n",
+            Variant::Rocks.label()
+        );
+        heap_tables(&mut md, &mut data, "idle", &files, Some(n), &peak_of, keep)?;
 
         let (files, peak_of) = self.heaptracked(dir, "busy", false, |bench| {
             let (_, addr) = Variant::Rocks.target(super::IPERF_PORT);
@@ -373,7 +401,15 @@ impl Bench {
             md,
             "#### {busy} busy kept connections (iperf3, fast path off)\n"
         );
-        heap_tables(&mut md, &mut data, "busy", &files, Some(busy), &peak_of)?;
+        heap_tables(
+            &mut md,
+            &mut data,
+            "busy",
+            &files,
+            Some(busy),
+            &peak_of,
+            keep,
+        )?;
         Ok((md, Value::Object(data)))
     }
 
@@ -486,11 +522,13 @@ fn heap_tables(
     files: &[PathBuf; 2],
     per: Option<usize>,
     peak_rss: &[u64; 2],
+    keep: &mut Vec<(String, String)>,
 ) -> Result<()> {
     for ((name, path), rss) in ["a", "b"].iter().zip(files).zip(peak_rss) {
         let text = exec::stdout(Command::new("heaptrack_print").arg("-f").arg(path).args([
             "-p", "1", "-a", "0", "-T", "0", "-l", "0", "-n", "12", "-s", "3",
         ]))?;
+        keep.push((format!("heaptrack-{tag}-agent-{name}.txt"), text.clone()));
         let peaks = heap_peaks(&text);
         let total = text
             .lines()
@@ -509,16 +547,24 @@ fn heap_tables(
         );
         let _ = writeln!(
             md,
-            "| peak | per connection | allocations | allocated in | for |\n| --- | --- | --- | --- | --- |"
+            "| at the peak | per connection | allocations | agent code | allocating function |\n| --- | --- | --- | --- | --- |"
         );
         for p in &peaks {
             let each = per.map_or("–".to_owned(), |n| {
                 format!("{:.1} KiB", p.bytes / n as f64 / 1024.0)
             });
+            let caller = if p.caller.is_empty() {
+                "(not in the agent's code)"
+            } else {
+                &p.caller
+            };
+            let code = source_line(&p.caller).map_or(String::new(), |line| {
+                format!(": `{}`", line.replace('|', "\\|"))
+            });
             let _ = writeln!(
                 md,
-                "| {} | {each} | {} | `{}` | `{}` |",
-                p.size, p.calls, p.site, p.caller
+                "| {} | {each} | {} | `{caller}`{code} | `{}` |",
+                p.size, p.calls, p.site
             );
         }
         let _ = writeln!(md);
@@ -648,6 +694,8 @@ fn areas(entries: &[PerfEntry]) -> Vec<(&'static str, f64)> {
                 || s.contains("br_")
             {
                 "kernel: TCP/IP and sockets"
+            } else if s.contains("softirq") || s.contains("irqrestore") || s.contains("irqentry") || s.contains("unlock_irq") {
+                "kernel: interrupts and softirqs (packet processing, sampled where irqs are re-enabled)"
             } else if s.contains("sched")
                 || s.contains("futex")
                 || s.contains("switch")
@@ -694,62 +742,109 @@ struct HeapPeak {
     calls: String,
     /// The allocating function (the top frame).
     site: String,
-    /// The first frame of the agent's own code (or the first one below the site).
+    /// The agent's code that asked for it: `file.rs:line (function)` or a function name.
     caller: String,
 }
 
-/// Parses heaptrack_print's "PEAK MEMORY CONSUMERS" section.
+/// The line of agent source a `file.rs:line (...)` location names, from this workspace
+/// (the agent the bench built), trimmed.
+fn source_line(location: &str) -> Option<String> {
+    let spot = location.split_whitespace().next()?;
+    let (file, line) = spot.rsplit_once(':')?;
+    let line: usize = line.parse().ok()?;
+    let path = super::workspace_root().join("rocks-agent/src").join(file);
+    let text = fs::read_to_string(path).ok()?;
+    let code = text.lines().nth(line.checked_sub(1)?)?.trim();
+    (!code.is_empty()).then(|| code.chars().take(90).collect())
+}
+
+/// Parses heaptrack_print's "PEAK MEMORY CONSUMERS" section into one row per backtrace
+/// (heaptrack groups them under the allocating function and prints the largest few of each).
+/// The agent's part of a backtrace is its first frame in `rocks-agent/src` (with line
+/// tables) or else its first `rocks_agent::` function.
 fn heap_peaks(text: &str) -> Vec<HeapPeak> {
     let mut peaks = Vec::new();
     let Some(start) = text.find("PEAK MEMORY CONSUMERS") else {
         return peaks;
     };
-    let lines: Vec<&str> = text[start..].lines().skip(1).collect();
-    let mut i = 0;
-    while i < lines.len() {
-        let line = lines[i];
-        let Some((size, rest)) = line.split_once(" peak memory consumed over ") else {
-            if line.starts_with("MOST") || line.starts_with("total runtime") {
-                break;
-            }
-            i += 1;
+    let mut site = String::new();
+    let mut current: Option<HeapPeak> = None;
+    let mut last_function = String::new();
+    let mut take_site = false;
+    for line in text[start..].lines().skip(1) {
+        if line.starts_with("MOST ") || line.starts_with("total runtime") {
+            break;
+        }
+        if line.contains(" peak memory consumed over ") {
+            peaks.extend(current.take());
+            take_site = true;
+            continue;
+        }
+        if let Some((size, rest)) = line.split_once(" consumed over ") {
+            peaks.extend(current.take());
+            current = Some(HeapPeak {
+                bytes: parse_size(size),
+                size: size.trim().to_owned(),
+                calls: rest.split_whitespace().next().unwrap_or("?").to_owned(),
+                site: site.clone(),
+                caller: String::new(),
+            });
+            continue;
+        }
+        if take_site && !line.starts_with(' ') && !line.trim().is_empty() {
+            site = tidy_symbol(line.trim());
+            take_site = false;
+            continue;
+        }
+        let Some(peak) = current.as_mut() else {
             continue;
         };
-        let calls = rest.split_whitespace().next().unwrap_or("?").to_owned();
-        let site = lines
-            .get(i + 1)
-            .map(|l| tidy_symbol(l.trim()))
-            .unwrap_or_default();
-        // The frames of the first backtrace below the entry: indented four spaces.
-        let mut caller = String::new();
-        let mut fallback = String::new();
-        let mut j = i + 2;
-        while j < lines.len() && !lines[j].contains(" peak memory consumed over ") {
-            let l = lines[j];
-            if l.starts_with("    ") && !l.starts_with("      ") {
-                let frame = tidy_symbol(l.trim());
-                if fallback.is_empty() {
-                    fallback = frame.clone();
-                }
-                if caller.is_empty() && frame.contains("rocks_agent") {
-                    caller = frame;
-                }
+        if !peak.caller.is_empty() {
+            continue;
+        }
+        let trimmed = line.trim();
+        if let Some(location) = trimmed.strip_prefix("at ") {
+            if let Some(rest) = location.strip_prefix("rocks-agent/src/") {
+                peak.caller = format!("{rest} ({last_function})");
             }
-            j += 1;
+        } else if line.starts_with("    ") && !trimmed.starts_with("in ") {
+            last_function = tidy_symbol(trimmed);
+            if last_function.contains("rocks_agent::") {
+                peak.caller = last_function.clone();
+            }
         }
-        if caller.is_empty() {
-            caller = fallback;
-        }
-        peaks.push(HeapPeak {
-            bytes: parse_size(size),
-            size: size.trim().to_owned(),
-            calls,
-            site,
-            caller,
-        });
-        i = j;
     }
-    peaks
+    peaks.extend(current);
+    // One row per agent call site and allocating function: heaptrack lists a site once per
+    // distinct path through the runtime below it.
+    let mut merged: Vec<HeapPeak> = Vec::new();
+    for p in peaks {
+        match merged
+            .iter_mut()
+            .find(|m| m.caller == p.caller && m.site == p.site)
+        {
+            Some(m) => {
+                m.bytes += p.bytes;
+                let calls = |c: &str| c.parse::<u64>().unwrap_or(0);
+                m.calls = (calls(&m.calls) + calls(&p.calls)).to_string();
+                m.size = format_size(m.bytes);
+            }
+            None => merged.push(p),
+        }
+    }
+    merged.sort_by(|a, b| b.bytes.total_cmp(&a.bytes));
+    merged.truncate(10);
+    merged
+}
+
+/// Bytes in heaptrack's style (decimal K, M, G).
+fn format_size(bytes: f64) -> String {
+    match bytes {
+        b if b >= 1e9 => format!("{:.2}G", b / 1e9),
+        b if b >= 1e6 => format!("{:.2}M", b / 1e6),
+        b if b >= 1e3 => format!("{:.2}K", b / 1e3),
+        b => format!("{b:.0}B"),
+    }
 }
 
 fn parse_size(text: &str) -> f64 {
@@ -787,6 +882,17 @@ fn tidy_symbol(symbol: &str) -> String {
         ("..", "::"),
     ] {
         s = s.replace(from, to);
+    }
+    // v0-mangled names (`_RNv...14aligned_malloc`): their last identifier is enough here.
+    if s.starts_with("_R") {
+        let tail: String = s
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_alphabetic() || *c == '_')
+            .collect();
+        if !tail.is_empty() {
+            return tail.chars().rev().collect();
+        }
     }
     if let Some(stripped) = s.strip_prefix("_<") {
         s = format!("<{stripped}");
@@ -831,6 +937,45 @@ mod tests {
             "<alloc::vec::Vec<T> as Clone>::clone"
         );
         assert_eq!(tidy_symbol("memcpy"), "memcpy");
+    }
+
+    #[test]
+    fn heap_peaks_name_the_agent_code() {
+        let text = "reading file\nPEAK MEMORY CONSUMERS
+70.61M peak memory consumed over 240573 calls from
+alloc
+  at /rustc/x/library/alloc/src/alloc.rs:95
+  in /tmp/rocks-agent
+59.24M consumed over 4635 calls from:
+    reserve
+      at /root/.cargo/registry/src/x/bytes-1.12.2/src/bytes_mut.rs:626
+      in /tmp/rocks-agent
+    {async_fn#0}
+      at rocks-agent/src/keeper/driver.rs:127
+      in /tmp/rocks-agent
+1.31M consumed over 838 calls from:
+    {async_fn#0}
+      at rocks-agent/src/keeper/driver.rs:171
+
+32.77K peak memory consumed over 1 calls from
+sharded_slab::shard::Array$LT$T$C$C$GT$::new::h96be847c28396205
+  in /tmp/rocks-agent
+32.77K consumed over 1 calls from:
+    _$LT$tracing_subscriber..registry..sharded..Registry$GT$::default::h3bf1eace537cf353
+      in /tmp/rocks-agent
+    rocks_agent::main::h234c54c7f445b81b
+      in /tmp/rocks-agent
+
+MOST CALLS TO ALLOCATION FUNCTIONS
+";
+        let peaks = heap_peaks(text);
+        assert_eq!(peaks.len(), 3);
+        assert_eq!(peaks[0].caller, "keeper/driver.rs:127 ({async_fn#0})");
+        assert_eq!(peaks[0].site, "alloc");
+        assert_eq!(peaks[0].calls, "4635");
+        assert_eq!(peaks[1].caller, "keeper/driver.rs:171 ({async_fn#0})");
+        assert_eq!(peaks[2].caller, "rocks_agent::main");
+        assert_eq!(peaks[2].site, "sharded_slab::shard::Array<T,C>::new");
     }
 
     #[test]

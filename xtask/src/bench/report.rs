@@ -140,6 +140,14 @@ pub struct Memory {
     pub busy: Vec<Busy>,
 }
 
+/// What `--profile` found.
+pub struct Profile {
+    pub markdown: String,
+    pub data: Value,
+    /// Whole reports to keep beside the results: (file name, text).
+    pub files: Vec<(String, String)>,
+}
+
 pub struct Results {
     pub plan: Plan,
     pub machine: Vec<(&'static str, String)>,
@@ -154,8 +162,7 @@ pub struct Results {
     pub resume_outage: Vec<ResumeTrial>,
     pub blackhole: Vec<BlackholeTrial>,
     pub memory: Option<Memory>,
-    /// Markdown and raw data from `--profile`.
-    pub profile: Option<(String, Value)>,
+    pub profile: Option<Profile>,
     pub notes: Vec<String>,
 }
 
@@ -269,23 +276,28 @@ impl Spread {
 pub fn write(results: &Results, out: &Path) -> Result<Vec<String>> {
     let dir = out.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json_path = dir.join("results.json");
-    fs::write(
-        &json_path,
-        serde_json::to_string_pretty(&to_json(results))? + "\n",
-    )
-    .with_context(|| format!("writing {}", json_path.display()))?;
-    let svg_path = dir.join("chart.svg");
-    fs::write(&svg_path, chart(results))
-        .with_context(|| format!("writing {}", svg_path.display()))?;
+    let mut written = Vec::new();
+    let mut put = |path: PathBuf, text: String| -> Result<()> {
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        written.push(path.display().to_string());
+        Ok(())
+    };
     let md_path = out.join("benchmarks.md");
     let kept = fs::read_to_string(&md_path)
         .ok()
         .and_then(|old| analysis_section(&old));
-    fs::write(&md_path, markdown(results, kept.as_deref()))
-        .with_context(|| format!("writing {}", md_path.display()))?;
-    let shown = |p: &PathBuf| p.display().to_string();
-    Ok(vec![shown(&md_path), shown(&svg_path), shown(&json_path)])
+    put(md_path, markdown(results, kept.as_deref()))?;
+    put(dir.join("chart.svg"), chart(results))?;
+    put(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&to_json(results))? + "\n",
+    )?;
+    if let Some(profile) = &results.profile {
+        for (name, text) in &profile.files {
+            put(dir.join(name), text.clone())?;
+        }
+    }
+    Ok(written)
 }
 
 fn analysis_section(old: &str) -> Option<String> {
@@ -429,19 +441,24 @@ fn markdown(r: &Results, analysis: Option<&str>) -> String {
            forwards to the server on b's 127.0.0.1: two relays where the agents sit (`nodelay` on \
            every socket, a process per connection);\n\
          - **rocks**: the client runs in the cgroup `rocks-agent attach` keeps on a, \
-           `rocks-agent serve` runs on b; with the sk_msg fast path between the application and \
-           agent a on (the default) and off.\n\n\
+           `rocks-agent serve` runs on b; as configured by default, and with the sk_msg fast path \
+           between the application and agent a set the other way ({}).\n\n\
          Throughput: iperf3, {} s per run, {} run(s) per variant. Latency: a 1-byte or 4 KiB \
          message sent and echoed back on one TCP_NODELAY connection, {} exchanges per variant and \
          size. Setup: from `connect()` to the first byte the server sends on accept, {} trials. \
          Resume: a connection exchanging a byte every millisecond; the time from the new address \
          (or the link) being usable to the first answer, as the application sees it. CPU: the \
          cgroups' `cpu.stat` over the 1-stream runs.\n",
-        p.throughput_secs, p.rounds, p.latency_count, p.setup_trials
+        Variant::RocksOtherFastPath.label(),
+        p.throughput_secs,
+        p.rounds,
+        p.latency_count,
+        p.setup_trials
     );
 
     let _ = writeln!(w, "## Results\n");
     results_table(w, r);
+    failures(w, r);
     recovery_table(w, r);
     memory_table(w, r);
     if !r.notes.is_empty() {
@@ -461,8 +478,8 @@ fn markdown(r: &Results, analysis: Option<&str>) -> String {
 
     let _ = writeln!(w, "## Profile\n");
     match &r.profile {
-        Some((text, _)) => {
-            let _ = writeln!(w, "{text}");
+        Some(profile) => {
+            let _ = writeln!(w, "{}", profile.markdown);
         }
         None => {
             let _ = writeln!(
@@ -501,7 +518,8 @@ fn results_table(w: &mut String, r: &Results) {
     );
     let _ = writeln!(
         w,
-        "| Figure | direct TCP | socat relay pair | rocks | rocks, fast path off |"
+        "| Figure | {} |",
+        Variant::ALL.map(Variant::label).join(" | ")
     );
     let _ = writeln!(w, "| --- | --- | --- | --- | --- |");
     for streams in [1, 8] {
@@ -511,12 +529,12 @@ fn results_table(w: &mut String, r: &Results) {
             .map(|&v| {
                 let failed = match r.failed_runs(v, streams) {
                     0 => String::new(),
-                    n => format!(" ({n} run(s) **failed**, see the notes)"),
+                    n => format!(" ({n} run(s) **failed**, see below)"),
                 };
                 match r.gbps(v, streams) {
                     Some(s) if v == Variant::Direct => format!("{}{failed}", s.cell(2)),
                     Some(s) => format!("{}{}{failed}", s.cell(2), ratio(s.median, direct)),
-                    None if !failed.is_empty() => "every run **failed** (see the notes)".to_owned(),
+                    None if !failed.is_empty() => "every run **failed** (see below)".to_owned(),
                     None => "–".into(),
                 }
             })
@@ -607,11 +625,53 @@ fn results_table(w: &mut String, r: &Results) {
     let _ = writeln!(w);
 }
 
+/// Which throughput runs failed, and what iperf3 said.
+fn failures(w: &mut String, r: &Results) {
+    let mut lines = Vec::new();
+    for v in Variant::ALL {
+        for streams in [1, 8] {
+            let failed: Vec<&ThroughputRun> = r
+                .throughput
+                .iter()
+                .filter(|t| t.variant == v && t.streams == streams && t.error.is_some())
+                .collect();
+            if failed.is_empty() {
+                continue;
+            }
+            let all = r
+                .throughput
+                .iter()
+                .filter(|t| t.variant == v && t.streams == streams)
+                .count();
+            let mut errors: Vec<&str> = failed.iter().filter_map(|t| t.error.as_deref()).collect();
+            errors.dedup();
+            let carried: f64 = failed.iter().map(|t| t.bytes).sum::<f64>() / f64::from(1u32 << 20);
+            lines.push(format!(
+                "- {}, {streams} stream(s): {} of {all} runs failed (after {carried:.0} MiB in all); iperf3 said \"{}\".",
+                v.label(),
+                failed.len(),
+                errors.join("\", \"")
+            ));
+        }
+    }
+    if !lines.is_empty() {
+        let _ = writeln!(
+            w,
+            "Failed throughput runs (not in the medians):\n\n{}\n",
+            lines.join("\n")
+        );
+    }
+}
+
 fn recovery_table(w: &mut String, r: &Results) {
     if r.resume_ip.is_empty() && r.resume_outage.is_empty() && r.blackhole.is_empty() {
         return;
     }
-    let _ = writeln!(w, "Recovery (rocks, fast path on), in milliseconds:\n");
+    let _ = writeln!(
+        w,
+        "Recovery, {}, in milliseconds:\n",
+        Variant::Rocks.label()
+    );
     let _ = writeln!(w, "| Figure | median | p90 | max | trials |");
     let _ = writeln!(w, "| --- | --- | --- | --- | --- |");
     let mut row = |what: &str, values: Vec<f64>| {
@@ -675,8 +735,11 @@ fn memory_table(w: &mut String, r: &Results) {
     let _ = writeln!(
         w,
         "Agent memory (RSS) with {} idle kept connections (opened in {:.1} s; {} of them active in \
-         agent a's status; fast path on):\n",
-        i.connections, i.open_secs, i.kept_active
+         agent a's status; {}):\n",
+        i.connections,
+        i.open_secs,
+        i.kept_active,
+        Variant::Rocks.label()
     );
     let _ = writeln!(
         w,
@@ -762,31 +825,42 @@ fn targets_table(w: &mut String, r: &Results) {
     let _ = writeln!(w, "| Target | Measured | |");
     let _ = writeln!(w, "| --- | --- | --- |");
     let met = |ok: bool| if ok { "**met**" } else { "**not met**" };
-    if let (Some(d), Some(s), Some(k), k_off) = (
-        r.gbps(Variant::Direct, 1),
-        r.gbps(Variant::Socat, 1),
-        r.gbps(Variant::Rocks, 1),
-        r.gbps(Variant::RocksNoFastPath, 1),
-    ) {
-        let share = k.median / d.median;
-        let off = k_off.map_or(String::new(), |o| {
-            format!(" (fast path off: {:.0} %)", o.median / d.median * 100.0)
-        });
+    let other = Variant::RocksOtherFastPath;
+    let describe = |v: Variant, direct: f64| match r.gbps(v, 1) {
+        Some(k) => format!(
+            "{:.0} % ({:.2} Gbit/s)",
+            k.median / direct * 100.0,
+            k.median
+        ),
+        None if r.failed_runs(v, 1) > 0 => "every run failed".to_owned(),
+        None => "not measured".to_owned(),
+    };
+    if let (Some(d), Some(s)) = (r.gbps(Variant::Direct, 1), r.gbps(Variant::Socat, 1)) {
+        let k = r.gbps(Variant::Rocks, 1).map(|k| k.median);
         let _ = writeln!(
             w,
-            "| 1-stream throughput ≥ 70 % of direct TCP | {:.0} % ({:.2} of {:.2} Gbit/s){off} | {} |",
-            share * 100.0,
-            k.median,
+            "| 1-stream throughput ≥ 70 % of direct TCP ({:.2} Gbit/s) | {}; {}: {} | {} |",
             d.median,
-            met(share >= 0.7)
+            describe(Variant::Rocks, d.median),
+            other.label(),
+            describe(other, d.median),
+            met(k.is_some_and(|k| k / d.median >= 0.7))
         );
         let _ = writeln!(
             w,
-            "| 1-stream throughput ≥ 3× the socat relay | {:.2}× ({:.2} vs {:.2} Gbit/s) | {} |",
-            k.median / s.median,
-            k.median,
+            "| 1-stream throughput ≥ 3× the socat relay ({:.2} Gbit/s) | {}; {}: {} | {} |",
             s.median,
-            met(k.median / s.median >= 3.0)
+            k.map_or("no completed run".to_owned(), |k| format!(
+                "{:.2}×",
+                k / s.median
+            )),
+            other.label(),
+            r.gbps(other, 1)
+                .map_or("no completed run".to_owned(), |o| format!(
+                    "{:.2}×",
+                    o.median / s.median
+                )),
+            met(k.is_some_and(|k| k / s.median >= 3.0))
         );
     }
     for size in [1, 4096] {
@@ -796,9 +870,13 @@ fn targets_table(w: &mut String, r: &Results) {
         ) {
             let added = k.p50 - d.p50;
             let off = r
-                .latency(Variant::RocksNoFastPath, size)
+                .latency(Variant::RocksOtherFastPath, size)
                 .map_or(String::new(), |o| {
-                    format!("; fast path off: +{:.1} µs", o.p50 - d.p50)
+                    format!(
+                        "; {}: +{:.1} µs",
+                        Variant::RocksOtherFastPath.label(),
+                        o.p50 - d.p50
+                    )
                 });
             let name = if size == 1 { "1 B" } else { "4 KiB" };
             let _ = writeln!(
@@ -810,9 +888,17 @@ fn targets_table(w: &mut String, r: &Results) {
             );
         }
     }
-    for (what, trials) in [
-        ("an address change", &r.resume_ip),
-        ("an outage", &r.resume_outage),
+    for (what, trials, usable) in [
+        (
+            "an address change",
+            &r.resume_ip,
+            "the new address was in place (`ip addr add` returned)",
+        ),
+        (
+            "an outage",
+            &r.resume_outage,
+            "the path answered a UDP probe once the link was back",
+        ),
     ] {
         if trials.is_empty() {
             continue;
@@ -822,7 +908,7 @@ fn targets_table(w: &mut String, r: &Results) {
         let within = values.iter().filter(|&&v| v <= 100.0).count();
         let _ = writeln!(
             w,
-            "| Resume within 100 ms of the new address (link) being usable, after {what} | median {:.1} ms, max {:.1} ms after the path answered a probe; {within} of {} trials within | {} |",
+            "| Resume within 100 ms of the new address (link) being usable, after {what} | median {:.1} ms, max {:.1} ms after {usable}; {within} of {} trials within | {} |",
             s.p50,
             s.max,
             s.n,
@@ -935,7 +1021,7 @@ fn to_json(r: &Results) -> Value {
         "resume_outage": resume(&r.resume_outage),
         "blackhole": blackhole,
         "memory": memory,
-        "profile": r.profile.as_ref().map(|p| p.1.clone()),
+        "profile": r.profile.as_ref().map(|p| p.data.clone()),
         "notes": r.notes,
     })
 }

@@ -366,7 +366,11 @@ fn machine(agent: &Path) -> Vec<(&'static str, String)> {
                 } else {
                     ""
                 },
-                agent.display()
+                // Repository-relative: the report names no machine paths.
+                {
+                    let full = agent.display().to_string();
+                    full.find("target/").map(|i| full[i..].to_owned()).unwrap_or(full)
+                }
             ),
         ),
         ("Tools", format!("{iperf}; {}", socat.trim())),

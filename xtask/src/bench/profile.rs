@@ -98,10 +98,8 @@ impl Bench {
         for fast_path in [true, false] {
             let setting = if fast_path { "on" } else { "off" };
             let a = self.restart_agent_a(fast_path, None)?;
-            let b = match self.agent_b {
-                Some(pid) => pid,
-                None => self.start_agent_b()?,
-            };
+            // Both agents afresh, so both run the profiled binary.
+            let b = self.start_agent_b()?;
             let file = dir.join(format!("perf-{setting}.data"));
             let mut cmd = Command::new("perf");
             cmd.args(["record", "-a", "-e", "cpu-clock", "-F", "999", "-o"])
@@ -379,7 +377,7 @@ impl Bench {
             })?;
         let _ = writeln!(
             md,
-            "#### {n} idle kept connections ({})\n",
+            "#### {n} idle kept connections, the agents as {}\n",
             Variant::Rocks.label()
         );
         heap_tables(&mut md, &mut data, "idle", &files, Some(n), &peak_of, keep)?;
@@ -694,7 +692,11 @@ fn areas(entries: &[PerfEntry]) -> Vec<(&'static str, f64)> {
                 || s.contains("br_")
             {
                 "kernel: TCP/IP and sockets"
-            } else if s.contains("softirq") || s.contains("irqrestore") || s.contains("irqentry") || s.contains("unlock_irq") {
+            } else if s.contains("softirq")
+                || s.contains("irqrestore")
+                || s.contains("irqentry")
+                || s.contains("unlock_irq")
+            {
                 "kernel: interrupts and softirqs (packet processing, sampled where irqs are re-enabled)"
             } else if s.contains("sched")
                 || s.contains("futex")

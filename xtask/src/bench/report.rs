@@ -369,7 +369,9 @@ fn machine(agent: &Path) -> Vec<(&'static str, String)> {
                 // Repository-relative: the report names no machine paths.
                 {
                     let full = agent.display().to_string();
-                    full.find("target/").map(|i| full[i..].to_owned()).unwrap_or(full)
+                    full.find("target/")
+                        .map(|i| full[i..].to_owned())
+                        .unwrap_or(full)
                 }
             ),
         ),
@@ -739,7 +741,7 @@ fn memory_table(w: &mut String, r: &Results) {
     let _ = writeln!(
         w,
         "Agent memory (RSS) with {} idle kept connections (opened in {:.1} s; {} of them active in \
-         agent a's status; {}):\n",
+         agent a's status), the agents running as {}:\n",
         i.connections,
         i.open_secs,
         i.kept_active,
@@ -1057,7 +1059,12 @@ fn chart(r: &Results) -> String {
             };
             let bars = Variant::ALL
                 .iter()
-                .map(|&v| r.gbps(v, streams).map(|s| (s.median, s.min, s.max)))
+                .map(|&v| match r.gbps(v, streams) {
+                    Some(s) => Some((s.median, s.min, s.max)),
+                    // Every run failed: drawn as a "failed" mark.
+                    None if r.failed_runs(v, streams) > 0 => Some((f64::NAN, 0.0, 0.0)),
+                    None => None,
+                })
                 .collect();
             (label, bars)
         })
@@ -1165,6 +1172,15 @@ fn panel(svg: &mut String, x0: f64, y0: f64, w: f64, h: f64, title: &str, groups
                 continue;
             };
             let bx = gx + 10.0 + i as f64 * bar_w;
+            if value.is_nan() {
+                let _ = writeln!(
+                    svg,
+                    r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10" fill="#555">failed</text>"##,
+                    bx + (bar_w - 2.0) / 2.0,
+                    y0 + h - 4.0,
+                );
+                continue;
+            }
             let _ = writeln!(
                 svg,
                 r#"<rect x="{bx:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{value:.2}</title></rect>"#,

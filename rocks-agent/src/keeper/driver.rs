@@ -17,7 +17,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -36,6 +36,8 @@ use crate::{
 
 /// Bytes read from a transport or the local socket in one go.
 const READ_CHUNK: usize = 64 << 10;
+/// Reads up to this size are copied into a buffer of their own (see `split_chunk`).
+const SMALL_READ: usize = 2 << 10;
 /// Received bytes taken from the core but not yet written to the local socket. Above this the
 /// driver stops taking (`recv`), so the core stops acknowledging and the peer stops sending.
 const LOCAL_OUT_LIMIT: usize = 256 << 10;
@@ -45,7 +47,10 @@ const CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// A resume offered to a server session: a new TCP connection whose msg1 named it.
 pub struct ResumeOffer {
     pub stream: TcpStream,
-    pub attempt: ResumeAttempt,
+    /// Boxed: the handshake state is ~1 KiB, and tokio allocates a channel's first block of
+    /// 32 slots up front, so every kept session would carry ~30 KiB for a queue that is
+    /// almost always empty.
+    pub attempt: Box<ResumeAttempt>,
 }
 
 /// Which end this driver runs.
@@ -121,21 +126,48 @@ impl Transport {
     }
 }
 
-async fn read_transport(id: TransportId, mut read: OwnedReadHalf, inbound: mpsc::Sender<Inbound>) {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+async fn read_transport(id: TransportId, read: OwnedReadHalf, inbound: mpsc::Sender<Inbound>) {
     loop {
-        buf.reserve(READ_CHUNK);
-        match read.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let _ = inbound.send(Inbound::Lost(id)).await;
-                return;
-            }
-            Ok(_) => {
-                if inbound.send(Inbound::Data(id, buf.split().freeze())).await.is_err() {
+        if read.readable().await.is_err() {
+            let _ = inbound.send(Inbound::Lost(id)).await;
+            return;
+        }
+        // The buffer exists only while bytes are waiting: an idle transport (most of them, with
+        // thousands of kept connections) holds none. A burst reuses one buffer's capacity.
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        loop {
+            match read.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    let _ = inbound.send(Inbound::Lost(id)).await;
+                    return;
+                }
+                Ok(_) => {
+                    if inbound.send(Inbound::Data(id, split_chunk(&mut buf))).await.is_err() {
+                        return;
+                    }
+                    if buf.capacity() < READ_CHUNK / 4 {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    let _ = inbound.send(Inbound::Lost(id)).await;
                     return;
                 }
             }
         }
+    }
+}
+
+/// Takes what was read out of `buf`. A small read is copied out, so a queued ping does not pin
+/// a whole read buffer; a large one is handed over without a copy.
+fn split_chunk(buf: &mut BytesMut) -> Bytes {
+    if buf.len() <= SMALL_READ {
+        let chunk = Bytes::copy_from_slice(buf);
+        buf.clear();
+        chunk
+    } else {
+        buf.split().freeze()
     }
 }
 
@@ -180,7 +212,6 @@ pub async fn run(
     let mut local_read_done = false;
     let mut peer_finished = false;
     let mut local_write_done = false;
-    let mut read_buf = vec![0u8; READ_CHUNK];
     let mut ending: Option<Ending> = None;
     // Set once we reset the session ourselves: the local socket is then closed abortively.
     let mut reset_by_us = false;
@@ -369,7 +400,7 @@ pub async fn run(
                 SideEvent::Resume(offer) => {
                     let now = Instant::now().into_std();
                     let _ = offer.stream.set_nodelay(true);
-                    let t = session.accept_resume(now, offer.attempt);
+                    let t = session.accept_resume(now, *offer.attempt);
                     transports.insert(t, Transport::start(t, offer.stream, inbound_tx.clone()));
                 }
                 SideEvent::PathChanged => {
@@ -385,8 +416,11 @@ pub async fn run(
             },
             ready = readable(local.as_ref()), if can_read_local => {
                 if let (Ok(()), Some(l)) = (ready, local.as_ref()) {
-                    let want = session.send_capacity().min(read_buf.len());
-                    match l.try_read(&mut read_buf[..want]) {
+                    // Allocated per read rather than per session: an idle connection holds no
+                    // read buffer (the core copies what it takes).
+                    let want = session.send_capacity().min(READ_CHUNK);
+                    let mut read_buf = Vec::with_capacity(want);
+                    match l.try_read_buf(&mut read_buf) {
                         Ok(0) => {
                             local_read_done = true;
                             session.finish();
@@ -467,7 +501,7 @@ async fn linger(
             },
             side_event = next_side_event(side) => {
                 if let SideEvent::Resume(offer) = side_event {
-                    let t = session.accept_resume(Instant::now().into_std(), offer.attempt);
+                    let t = session.accept_resume(Instant::now().into_std(), *offer.attempt);
                     transports.insert(t, Transport::start(t, offer.stream, inbound_tx.clone()));
                 }
             }

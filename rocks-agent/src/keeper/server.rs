@@ -39,7 +39,7 @@ pub async fn handle(shared: Arc<Shared>, mut stream: TcpStream, from: SocketAddr
             match target {
                 Some(tx) => {
                     debug!(peer = %from, session = %session_id, "resume offered");
-                    if tx.send(ResumeOffer { stream, attempt }).await.is_err() {
+                    if tx.send(ResumeOffer { stream, attempt: Box::new(attempt) }).await.is_err() {
                         debug!(session = %session_id, "session ended while a resume was offered");
                     }
                 }

@@ -115,13 +115,38 @@ pub(crate) fn read(hs: &mut HandshakeState, msg: &[u8]) -> Result<Vec<u8>, snow:
     Ok(buf)
 }
 
-/// Encrypts one frame on an established transport.
+/// Encrypts one frame on an established transport (tests build records by hand with it).
+#[cfg(test)]
 pub(crate) fn seal(ts: &mut TransportState, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), snow::Error> {
     out.clear();
     out.resize(plaintext.len() + super::wire::TAG_LEN, 0);
     let n = ts.write_message(plaintext, out)?;
     out.truncate(n);
     Ok(())
+}
+
+/// Encrypts one frame straight into `out` as a record (length, then ciphertext and tag), so the
+/// ciphertext is written once, where it is sent from. On failure `out` is left as it was.
+pub(crate) fn seal_record(
+    ts: &mut TransportState,
+    plaintext: &[u8],
+    out: &mut bytes::BytesMut,
+) -> Result<(), snow::Error> {
+    let start = out.len();
+    let sealed_len = plaintext.len() + super::wire::TAG_LEN;
+    out.resize(start + 2 + sealed_len, 0);
+    match ts.write_message(plaintext, &mut out[start + 2..]) {
+        Ok(n) => {
+            debug_assert!(n <= super::wire::MAX_RECORD);
+            out.truncate(start + 2 + n);
+            out[start..start + 2].copy_from_slice(&(n as u16).to_be_bytes());
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
+    }
 }
 
 /// Decrypts one record on an established transport. Any failure (forged, replayed,

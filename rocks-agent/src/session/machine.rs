@@ -168,12 +168,9 @@ impl Link {
         let Phase::Established { ts } = &mut self.phase else {
             return Ok(());
         };
-        let mut plain = Vec::with_capacity(16);
+        let mut plain = Vec::with_capacity(frame.encoded_len_hint());
         frame.encode(&mut plain);
-        let mut sealed = Vec::new();
-        handshake::seal(ts, &plain, &mut sealed).map_err(|_| CloseReason::Broken(ProtocolError::Decrypt))?;
-        wire::put_record(&mut self.out, &sealed);
-        Ok(())
+        handshake::seal_record(ts, &plain, &mut self.out).map_err(|_| CloseReason::Broken(ProtocolError::Decrypt))
     }
 }
 

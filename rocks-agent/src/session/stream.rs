@@ -88,7 +88,17 @@ impl SendBuffer {
         }
         let start = (self.next - self.acked) as usize;
         let len = ((end - self.next) as usize).min(max);
-        let chunk: Vec<u8> = self.buf.range(start..start + len).copied().collect();
+        // Copied slice by slice (memcpy), not byte by byte through the ring's iterator.
+        let mut chunk = Vec::with_capacity(len);
+        let (front, back) = self.buf.as_slices();
+        let end_at = start + len;
+        if start < front.len() {
+            chunk.extend_from_slice(&front[start..end_at.min(front.len())]);
+        }
+        if end_at > front.len() {
+            chunk.extend_from_slice(&back[start.saturating_sub(front.len())..end_at - front.len()]);
+        }
+        debug_assert_eq!(chunk.len(), len);
         let offset = self.next;
         self.next += len as u64;
         self.sent_max = self.sent_max.max(self.next);

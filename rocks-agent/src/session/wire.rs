@@ -245,6 +245,15 @@ const F_RESUME_CONFIRM: u8 = 8;
 const F_CLOSE: u8 = 9;
 
 impl Frame {
+    /// The plaintext size of a data frame, and enough for every other frame: sized up front
+    /// so encoding a large data frame never reallocates.
+    pub(crate) fn encoded_len_hint(&self) -> usize {
+        match self {
+            Frame::Data { data, .. } => DATA_HEADER + data.len(),
+            _ => 1 + 32,
+        }
+    }
+
     /// Appends the plaintext encoding to `out`.
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         match self {

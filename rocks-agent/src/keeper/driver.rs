@@ -3,10 +3,10 @@
 //! fires the core's timers. All protocol decisions are the core's; see `session` for the call
 //! order this follows.
 //!
-//! Transports come and go during a session (resumes), so each one gets a reader task and a
-//! writer task talking to the driver through channels; the local socket is fixed for the whole
-//! session and is polled directly, which lets the driver read it only while the replay buffer
-//! has room (that is the back-pressure on the application).
+//! Everything is polled from the one driver task: the transports (which come and go during a
+//! session, see `transport`) and the local socket, which the driver reads only while the replay
+//! buffer has room (that is the back-pressure on the application). Only connects run as tasks
+//! of their own, reporting back over a channel.
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     io,
@@ -15,34 +15,27 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::{
     io::AsyncWriteExt,
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    net::TcpStream,
     sync::{broadcast, mpsc, watch},
-    task::JoinHandle,
     time::Instant,
 };
 use tracing::{debug, info, warn};
 
+use super::transport::{self, Ready, Transport};
 use crate::{
     net,
     registry::{EntryGuard, HandshakePhase},
     session::{CloseReason, Event, OpenError, ResumeAttempt, Session, State, TransportId},
 };
 
-/// Bytes read from a transport or the local socket in one go.
+/// Bytes read from the local socket in one go.
 const READ_CHUNK: usize = 64 << 10;
-/// Reads up to this size are copied into a buffer of their own (see `split_chunk`).
-const SMALL_READ: usize = 2 << 10;
 /// Received bytes taken from the core but not yet written to the local socket. Above this the
 /// driver stops taking (`recv`), so the core stops acknowledging and the peer stops sending.
 const LOCAL_OUT_LIMIT: usize = 256 << 10;
-/// How long a transport the core is done with may take to flush its last bytes.
-const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
 /// A resume offered to a server session: a new TCP connection whose msg1 named it.
 pub struct ResumeOffer {
@@ -87,103 +80,8 @@ pub enum Ending {
 }
 
 enum Inbound {
-    Data(TransportId, Bytes),
-    Lost(TransportId),
     Connected(TransportId, Result<TcpStream, net::ConnectError>),
     Dialed(Result<TcpStream, OpenError>),
-}
-
-struct Transport {
-    writer: Option<mpsc::UnboundedSender<Bytes>>,
-    reader_task: JoinHandle<()>,
-    writer_task: JoinHandle<()>,
-}
-
-impl Transport {
-    fn start(id: TransportId, stream: TcpStream, inbound: mpsc::Sender<Inbound>) -> Transport {
-        let (read, write) = stream.into_split();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let reader_task = tokio::spawn(read_transport(id, read, inbound.clone()));
-        let writer_task = tokio::spawn(write_transport(id, write, rx, inbound));
-        Transport { writer: Some(tx), reader_task, writer_task }
-    }
-
-    /// Graceful: the writer flushes what it has (bounded by `CLOSE_LINGER`) and closes.
-    fn close(mut self) {
-        self.reader_task.abort();
-        self.writer.take();
-        let abort = self.writer_task.abort_handle();
-        tokio::spawn(async move {
-            tokio::time::sleep(CLOSE_LINGER).await;
-            abort.abort();
-        });
-    }
-
-    /// Abortive: the transport is dead or untrusted; nothing more is written to it.
-    fn kill(self) {
-        self.reader_task.abort();
-        self.writer_task.abort();
-    }
-}
-
-async fn read_transport(id: TransportId, read: OwnedReadHalf, inbound: mpsc::Sender<Inbound>) {
-    loop {
-        if read.readable().await.is_err() {
-            let _ = inbound.send(Inbound::Lost(id)).await;
-            return;
-        }
-        // The buffer exists only while bytes are waiting: an idle transport (most of them, with
-        // thousands of kept connections) holds none. A burst reuses one buffer's capacity.
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        loop {
-            match read.try_read_buf(&mut buf) {
-                Ok(0) => {
-                    let _ = inbound.send(Inbound::Lost(id)).await;
-                    return;
-                }
-                Ok(_) => {
-                    if inbound.send(Inbound::Data(id, split_chunk(&mut buf))).await.is_err() {
-                        return;
-                    }
-                    if buf.capacity() < READ_CHUNK / 4 {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    let _ = inbound.send(Inbound::Lost(id)).await;
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Takes what was read out of `buf`. A small read is copied out, so a queued ping does not pin
-/// a whole read buffer; a large one is handed over without a copy.
-fn split_chunk(buf: &mut BytesMut) -> Bytes {
-    if buf.len() <= SMALL_READ {
-        let chunk = Bytes::copy_from_slice(buf);
-        buf.clear();
-        chunk
-    } else {
-        buf.split().freeze()
-    }
-}
-
-async fn write_transport(
-    id: TransportId,
-    mut write: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    inbound: mpsc::Sender<Inbound>,
-) {
-    while let Some(bytes) = rx.recv().await {
-        if write.write_all(&bytes).await.is_err() {
-            let _ = inbound.send(Inbound::Lost(id)).await;
-            return;
-        }
-    }
-    let _ = write.shutdown().await;
 }
 
 /// Runs one session to its end. `first` is the transport the session was created on.
@@ -205,7 +103,7 @@ pub async fn run(
     // Client: reconnects under way. The core may give one up (a newer path change) before its
     // connect finishes; a stream that arrives for an id no longer here is closed, not kept.
     let mut connecting: HashSet<TransportId> = HashSet::new();
-    transports.insert(session.first_transport(), Transport::start(session.first_transport(), first, inbound_tx.clone()));
+    transports.insert(session.first_transport(), Transport::new(first));
 
     let mut local_out: VecDeque<Bytes> = VecDeque::new();
     let mut local_out_bytes = 0usize;
@@ -232,7 +130,7 @@ pub async fn run(
             dial = None;
         }
         let now = Instant::now().into_std();
-        flush_transmits(&mut session, &transports, now);
+        flush_transmits(&mut session, &mut transports, now);
         // Take received bytes while the local socket can absorb them.
         while local_out_bytes < LOCAL_OUT_LIMIT {
             let Some(chunk) = session.recv() else { break };
@@ -321,7 +219,7 @@ pub async fn run(
 
         if let Some(ending) = ending {
             // Flush what the core still queued; the transports close gracefully.
-            flush_transmits(&mut session, &transports, now);
+            flush_transmits(&mut session, &mut transports, now);
             match (&ending, local.take()) {
                 (Ending::Event(Event::Closed), Some(mut local)) if !reset_by_us => {
                     // Deliver what is left, then close normally.
@@ -345,7 +243,7 @@ pub async fn run(
                     "kept connection closed"
                 );
                 entry.retire();
-                linger(&mut session, &mut transports, &mut inbound, &inbound_tx, &mut side, &mut stopping).await;
+                linger(&mut session, &mut transports, &mut side, &mut stopping).await;
             }
             for (_, tr) in transports.drain() {
                 tr.close();
@@ -366,14 +264,15 @@ pub async fn run(
         let can_write_local = local.is_some() && !local_out.is_empty();
         let timer = session.poll_timeout().map(Instant::from_std);
         tokio::select! {
+            ready = std::future::poll_fn(|cx| transport::poll_ready(cx, &transports)), if !transports.is_empty() => {
+                transport_io(&mut session, &mut transports, ready);
+            }
             Some(msg) = inbound.recv() => {
                 let now = Instant::now().into_std();
                 match msg {
-                    Inbound::Data(t, bytes) => session.handle_input(now, t, &bytes),
-                    Inbound::Lost(t) => session.transport_lost(now, t),
                     Inbound::Connected(t, Ok(stream)) => {
                         if connecting.remove(&t) {
-                            transports.insert(t, Transport::start(t, stream, inbound_tx.clone()));
+                            transports.insert(t, Transport::new(stream));
                             session.start_resume(now, t);
                         } else {
                             debug!(id = entry.id, transport = %t, "reconnect finished after it was abandoned; closing it");
@@ -401,7 +300,7 @@ pub async fn run(
                     let now = Instant::now().into_std();
                     let _ = offer.stream.set_nodelay(true);
                     let t = session.accept_resume(now, *offer.attempt);
-                    transports.insert(t, Transport::start(t, offer.stream, inbound_tx.clone()));
+                    transports.insert(t, Transport::new(offer.stream));
                 }
                 SideEvent::PathChanged => {
                     info!(
@@ -460,12 +359,40 @@ pub async fn run(
     }
 }
 
-/// Hands everything the core has for the transports to their writers.
-fn flush_transmits(session: &mut Session, transports: &HashMap<TransportId, Transport>, now: std::time::Instant) {
+/// Hands everything the core has for the transports to their sockets: written at once as far
+/// as the sockets take it (no wait for a readiness round), the rest when they become writable.
+fn flush_transmits(session: &mut Session, transports: &mut HashMap<TransportId, Transport>, now: std::time::Instant) {
     while let Some(t) = session.poll_transmit(now) {
-        if let Some(tr) = transports.get(&t.transport).and_then(|tr| tr.writer.as_ref()) {
-            let _ = tr.send(t.data);
+        if let Some(tr) = transports.get_mut(&t.transport) {
+            tr.queue(t.data);
         }
+    }
+    let mut lost = Vec::new();
+    for (&id, tr) in transports.iter_mut() {
+        if !tr.write() {
+            lost.push(id);
+        }
+    }
+    for id in lost {
+        session.transport_lost(now, id);
+    }
+}
+
+/// Reads or writes the transport that is ready; a lost one is reported to the core.
+fn transport_io(session: &mut Session, transports: &mut HashMap<TransportId, Transport>, ready: Ready) {
+    let now = Instant::now().into_std();
+    let (id, alive) = match ready {
+        Ready::Readable(id) => match transports.get_mut(&id) {
+            Some(tr) => (id, tr.read(|bytes| session.handle_input(now, id, bytes))),
+            None => return,
+        },
+        Ready::Writable(id) => match transports.get_mut(&id) {
+            Some(tr) => (id, tr.write()),
+            None => return,
+        },
+    };
+    if !alive {
+        session.transport_lost(now, id);
     }
 }
 
@@ -474,8 +401,6 @@ fn flush_transmits(session: &mut Session, transports: &HashMap<TransportId, Tran
 async fn linger(
     session: &mut Session,
     transports: &mut HashMap<TransportId, Transport>,
-    inbound: &mut mpsc::Receiver<Inbound>,
-    inbound_tx: &mpsc::Sender<Inbound>,
     side: &mut Side,
     stopping: &mut watch::Receiver<bool>,
 ) {
@@ -494,15 +419,13 @@ async fn linger(
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return,
             _ = stopping.changed() => return,
-            Some(msg) = inbound.recv() => match msg {
-                Inbound::Data(t, bytes) => session.handle_input(Instant::now().into_std(), t, &bytes),
-                Inbound::Lost(t) => session.transport_lost(Instant::now().into_std(), t),
-                Inbound::Connected(..) | Inbound::Dialed(..) => {}
-            },
+            ready = std::future::poll_fn(|cx| transport::poll_ready(cx, transports)), if !transports.is_empty() => {
+                transport_io(session, transports, ready);
+            }
             side_event = next_side_event(side) => {
                 if let SideEvent::Resume(offer) = side_event {
                     let t = session.accept_resume(Instant::now().into_std(), *offer.attempt);
-                    transports.insert(t, Transport::start(t, offer.stream, inbound_tx.clone()));
+                    transports.insert(t, Transport::new(offer.stream));
                 }
             }
             _ = sleep_until(timer), if timer.is_some() => session.handle_timeout(Instant::now().into_std()),

@@ -19,7 +19,7 @@ use clap::{ArgMatches, parser::ValueSource};
 use toml::{Spanned, Value};
 
 use crate::{
-    cli::{AttachArgs, CommonArgs, FastPath},
+    cli::{AttachArgs, CommonArgs, FastPath, Transparent},
     duration,
 };
 
@@ -48,10 +48,10 @@ pub enum Command {
 }
 
 /// Keys both commands take (the common options).
-const COMMON_KEYS: &[&str] = &["listen", "secret-file", "run-dir", "keep-for", "metrics"];
+const COMMON_KEYS: &[&str] = &["listen", "secret-file", "run-dir", "keep-for", "metrics", "transparent"];
 /// Keys only `attach` takes.
 const ATTACH_KEYS: &[&str] =
-    &["cgroup", "peer-port", "redirect-port", "fast-path", "ports", "exclude-ports", "negative-ttl", "probe-timeout"];
+    &["cgroup", "peer-port", "redirect-port", "fast-path", "ports", "exclude-ports", "exclude-cidr", "exclude-cgroup", "negative-ttl", "probe-timeout", "max-connections", "on-exit"];
 
 /// The settings a file holds; `None` for keys it does not set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -61,14 +61,19 @@ pub struct Config {
     pub run_dir: Option<PathBuf>,
     pub keep_for: Option<Duration>,
     pub metrics: Option<SocketAddr>,
+    pub transparent: Option<Transparent>,
     pub cgroups: Option<Vec<PathBuf>>,
     pub peer_port: Option<u16>,
     pub redirect_port: Option<u16>,
     pub fast_path: Option<FastPath>,
     pub ports: Option<Vec<u16>>,
     pub exclude_ports: Option<Vec<u16>>,
+    pub exclude_cidr: Option<Vec<String>>,
+    pub exclude_cgroup: Option<Vec<PathBuf>>,
     pub negative_ttl: Option<Duration>,
     pub probe_timeout: Option<Duration>,
+    pub max_connections: Option<u64>,
+    pub on_exit: Option<crate::cli::OnExit>,
 }
 
 impl Config {
@@ -108,14 +113,23 @@ impl Config {
                 "run-dir" => config.run_dir = Some(file_path(v, base).map_err(fail)?),
                 "keep-for" => config.keep_for = Some(duration_value(v).map_err(fail)?),
                 "metrics" => config.metrics = Some(socket_addr(v).map_err(fail)?),
+                "transparent" => config.transparent = Some(transparent(v).map_err(fail)?),
                 "cgroup" => config.cgroups = Some(path_list(v, base).map_err(fail)?),
                 "peer-port" => config.peer_port = Some(port(v).map_err(fail)?),
                 "redirect-port" => config.redirect_port = Some(port(v).map_err(fail)?),
                 "fast-path" => config.fast_path = Some(fast_path(v).map_err(fail)?),
                 "ports" => config.ports = Some(port_list(v).map_err(fail)?),
                 "exclude-ports" => config.exclude_ports = Some(port_list(v).map_err(fail)?),
+                "exclude-cidr" => config.exclude_cidr = Some(cidr_list(v).map_err(fail)?),
+                // May be empty: excluding nothing is a valid policy.
+                "exclude-cgroup" => {
+                    config.exclude_cgroup =
+                        Some(if v.as_array().is_some_and(Vec::is_empty) { Vec::new() } else { path_list(v, base).map_err(fail)? })
+                }
                 "negative-ttl" => config.negative_ttl = Some(duration_value(v).map_err(fail)?),
                 "probe-timeout" => config.probe_timeout = Some(duration_value(v).map_err(fail)?),
+                "max-connections" => config.max_connections = Some(count(v).map_err(fail)?),
+                "on-exit" => config.on_exit = Some(on_exit(v).map_err(fail)?),
                 other => return Err(fail(unknown_key(other, command))),
             }
         }
@@ -148,11 +162,23 @@ pub fn resolve_attach(args: &mut AttachArgs, matches: &ArgMatches) -> Result<(),
         if let (true, Some(v)) = (from_file("exclude_ports"), &config.exclude_ports) {
             args.exclude_ports.clone_from(v);
         }
+        if let (true, Some(v)) = (from_file("exclude_cidr"), &config.exclude_cidr) {
+            args.exclude_cidr.clone_from(v);
+        }
+        if let (true, Some(v)) = (from_file("exclude_cgroup"), &config.exclude_cgroup) {
+            args.exclude_cgroup.clone_from(v);
+        }
         if let (true, Some(v)) = (from_file("negative_ttl"), config.negative_ttl) {
             args.negative_ttl = v;
         }
         if let (true, Some(v)) = (from_file("probe_timeout"), config.probe_timeout) {
             args.probe_timeout = v;
+        }
+        if let (true, Some(v)) = (from_file("max_connections"), config.max_connections) {
+            args.max_connections = Some(v);
+        }
+        if let (true, Some(v)) = (from_file("on_exit"), config.on_exit) {
+            args.on_exit = v;
         }
     }
     if args.common.secret_file.is_none() {
@@ -192,6 +218,9 @@ fn apply_common(args: &mut CommonArgs, matches: &ArgMatches, config: &Config) {
     }
     if let (true, Some(v)) = (from_file("metrics"), config.metrics) {
         args.metrics = Some(v);
+    }
+    if let (true, Some(v)) = (from_file("transparent"), config.transparent) {
+        args.transparent = v;
     }
 }
 
@@ -283,13 +312,56 @@ fn port_list(v: &Value) -> Result<Vec<u16>, String> {
     items.iter().map(|item| port(item).map_err(|e| format!("{e} in the list"))).collect()
 }
 
+fn transparent(v: &Value) -> Result<Transparent, String> {
+    match v {
+        Value::String(s) if s == "on" => Ok(Transparent::On),
+        Value::String(s) if s == "off" => Ok(Transparent::Off),
+        Value::Boolean(true) => Ok(Transparent::On),
+        Value::Boolean(false) => Ok(Transparent::Off),
+        other => Err(format!("expected \"on\" or \"off\", found {}", found(other))),
+    }
+}
+
+/// A positive whole number (the range is checked where the value is used).
+fn count(v: &Value) -> Result<u64, String> {
+    match v.as_integer() {
+        Some(n) if n > 0 => Ok(n as u64),
+        Some(n) => Err(format!("expected a positive number, found {n}")),
+        None => Err(format!("expected a positive number, found {}", found(v))),
+    }
+}
+
+/// Prefixes are checked where every policy is (`policy::Cidr::parse`), which names the value;
+/// here each is checked once more so the error also names the file's line.
+fn cidr_list(v: &Value) -> Result<Vec<String>, String> {
+    const EXPECTED: &str = "a list of prefixes, such as [\"10.0.0.0/8\", \"fd00::/8\"]";
+    let items = v.as_array().ok_or_else(|| format!("expected {EXPECTED}, found {}", found(v)))?;
+    items
+        .iter()
+        .map(|item| {
+            let s = string(item, "a prefix as a string, such as \"10.0.0.0/8\"").map_err(|e| format!("{e} in the list"))?;
+            crate::policy::Cidr::parse(s).map_err(|e| e.to_string())?;
+            Ok(s.to_owned())
+        })
+        .collect()
+}
+
+fn on_exit(v: &Value) -> Result<crate::cli::OnExit, String> {
+    match v {
+        Value::String(s) if s == "detach" => Ok(crate::cli::OnExit::Detach),
+        Value::String(s) if s == "keep" => Ok(crate::cli::OnExit::Keep),
+        other => Err(format!("expected \"detach\" or \"keep\", found {}", found(other))),
+    }
+}
+
 fn fast_path(v: &Value) -> Result<FastPath, String> {
     match v {
         Value::String(s) if s == "on" => Ok(FastPath::On),
         Value::String(s) if s == "off" => Ok(FastPath::Off),
+        Value::String(s) if s == "auto" => Ok(FastPath::Auto),
         Value::Boolean(true) => Ok(FastPath::On),
         Value::Boolean(false) => Ok(FastPath::Off),
-        other => Err(format!("expected \"on\" or \"off\", found {}", found(other))),
+        other => Err(format!("expected \"on\", \"off\" or \"auto\", found {}", found(other))),
     }
 }
 
@@ -343,6 +415,36 @@ mod tests {
         assert_eq!(c.probe_timeout, Some(Duration::from_millis(250)));
         assert_eq!(parse("", Command::Attach).unwrap(), Config::default());
         assert_eq!(parse("fast-path = true", Command::Attach).unwrap().fast_path, Some(FastPath::On));
+        assert_eq!(parse("fast-path = \"auto\"", Command::Attach).unwrap().fast_path, Some(FastPath::Auto));
+    }
+
+    #[test]
+    fn transparent_is_a_common_key() {
+        assert_eq!(parse("transparent = \"off\"", Command::Serve).unwrap().transparent, Some(Transparent::Off));
+        assert_eq!(parse("transparent = true", Command::Attach).unwrap().transparent, Some(Transparent::On));
+        let e = err("transparent = \"maybe\"", Command::Serve);
+        assert!(e.contains("`transparent`: expected \"on\" or \"off\""), "{e}");
+    }
+
+    #[test]
+    fn max_connections_is_a_positive_number() {
+        assert_eq!(parse("max-connections = 5", Command::Attach).unwrap().max_connections, Some(5));
+        let e = err("max-connections = \"5\"", Command::Attach);
+        assert!(e.contains("`max-connections`: expected a positive number, found the string \"5\""), "{e}");
+        let e = err("max-connections = 0", Command::Attach);
+        assert!(e.contains("expected a positive number, found 0"), "{e}");
+        let e = err("max-connections = 5", Command::Serve);
+        assert!(e.contains("only `rocks-agent attach`"), "{e}");
+    }
+
+    #[test]
+    fn on_exit_is_detach_or_keep() {
+        assert_eq!(parse("on-exit = \"keep\"", Command::Attach).unwrap().on_exit, Some(cli::OnExit::Keep));
+        assert_eq!(parse("on-exit = \"detach\"", Command::Attach).unwrap().on_exit, Some(cli::OnExit::Detach));
+        let e = err("on-exit = \"stay\"", Command::Attach);
+        assert!(e.contains("`on-exit`: expected \"detach\" or \"keep\", found the string \"stay\""), "{e}");
+        let e = err("on-exit = \"keep\"", Command::Serve);
+        assert!(e.contains("only `rocks-agent attach`"), "{e}");
     }
 
     #[test]
@@ -380,7 +482,7 @@ mod tests {
             ("cgroup = []", "found an empty list"),
             ("cgroup = [1]", "expected a path as a string, found the integer 1 in the list"),
             ("ports = [22, \"ssh\"]", "`ports`: expected a port number (1-65535), found the string \"ssh\" in the list"),
-            ("fast-path = \"maybe\"", "`fast-path`: expected \"on\" or \"off\", found the string \"maybe\""),
+            ("fast-path = \"maybe\"", "`fast-path`: expected \"on\", \"off\" or \"auto\", found the string \"maybe\""),
             ("secret-file = \"\"", "`secret-file`: expected a path, found an empty string"),
             ("run-dir = true", "`run-dir`: expected a path as a string, found the boolean true"),
         ];
@@ -475,6 +577,40 @@ mod tests {
         assert!(Cli::command().try_get_matches_from(["rocks-agent", "attach", "--secret-file", "/s"]).is_err());
         assert!(Cli::command().try_get_matches_from(["rocks-agent", "serve"]).is_err());
         assert!(Cli::command().try_get_matches_from(["rocks-agent", "serve", "--config", "/c.toml"]).is_ok());
+    }
+
+    #[test]
+    fn policy_keys() {
+        let c = parse(
+            "exclude-cidr = [\"10.0.0.0/8\", \"fd00::/8\"]\nexclude-cgroup = [\"/sys/fs/cgroup/app/batch\"]\n",
+            Command::Attach,
+        )
+        .unwrap();
+        assert_eq!(c.exclude_cidr, Some(vec!["10.0.0.0/8".to_owned(), "fd00::/8".to_owned()]));
+        assert_eq!(c.exclude_cgroup, Some(vec![PathBuf::from("/sys/fs/cgroup/app/batch")]));
+        assert_eq!(parse("exclude-cgroup = []", Command::Attach).unwrap().exclude_cgroup, Some(vec![]));
+        let e = err("# c\nexclude-cidr = [\"10.0.0.0/8\", \"10.1.0.0/8\"]\n", Command::Attach);
+        assert!(
+            e.starts_with("config file /etc/rocks/agent.toml, line 2: `exclude-cidr`: invalid --exclude-cidr value \"10.1.0.0/8\": ")
+                && e.contains("did you mean 10.0.0.0/8?"),
+            "{e}"
+        );
+        let e = err("exclude-cidr = \"10.0.0.0/8\"", Command::Attach);
+        assert!(e.contains("expected a list of prefixes"), "{e}");
+        let e = err("exclude-cidr = [8]", Command::Attach);
+        assert!(e.contains("expected a prefix as a string, such as \"10.0.0.0/8\", found the integer 8 in the list"), "{e}");
+        let e = err("exclude-cidr = []", Command::Serve);
+        assert!(e.contains("only `rocks-agent attach`"), "{e}");
+
+        // The file fills what the command line leaves out; a flag replaces the file's list.
+        let text = "secret-file = \"/s\"\ncgroup = [\"/sys/fs/cgroup/app\"]\nexclude-cidr = [\"10.0.0.0/8\"]\n\
+                    exclude-cgroup = [\"/sys/fs/cgroup/app/batch\"]\n";
+        let args = attach_with(&[], text).unwrap();
+        assert_eq!(args.exclude_cidr, ["10.0.0.0/8"]);
+        assert_eq!(args.exclude_cgroup, [PathBuf::from("/sys/fs/cgroup/app/batch")]);
+        let args = attach_with(&["--exclude-cidr", "fd00::/8,192.0.2.0/24"], text).unwrap();
+        assert_eq!(args.exclude_cidr, ["fd00::/8", "192.0.2.0/24"]);
+        assert_eq!(args.exclude_cgroup, [PathBuf::from("/sys/fs/cgroup/app/batch")]);
     }
 
     /// The sample configurations shipped in `deploy/` parse.

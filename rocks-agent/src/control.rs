@@ -1,5 +1,6 @@
-//! The control socket: `<run-dir>/control.sock`, owner-only, one JSON request per connection.
-//! `rocks-agent status` is its client.
+//! The control socket: `<run-dir>/control.sock`, owner-only, one request per connection: a
+//! JSON [`Request`] on one line (or the bare line `status`, which older clients send), answered
+//! by one JSON line. `rocks-agent status` and `rocks-agent policy` are its clients.
 use std::{
     io,
     os::unix::fs::{DirBuilderExt, PermissionsExt},
@@ -16,6 +17,8 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
+    fastpath::{FastPathMode, FastPathStatus},
+    policy::{PolicyChange, PolicyReport},
     redirect::{KernelStats, NegativeEntry},
     registry::{ConnectionStatus, CountersSnapshot},
 };
@@ -37,6 +40,39 @@ pub struct StatusReport {
     pub negative_cache: Vec<NegativeEntry>,
     pub kernel: Option<KernelStats>,
     pub counters: CountersSnapshot,
+    /// The policy in force; null for `serve`.
+    pub policy: Option<PolicyReport>,
+    /// The fast path's mode and counters; null for `serve`.
+    #[serde(default)]
+    pub fast_path_mode: Option<FastPathStatus>,
+}
+
+/// A request on the control socket, one JSON object per line: `{"request":"status"}`,
+/// `{"request":"set_policy","change":{...}}`. New requests are new variants.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Replace the parts of the policy `change` names; answered by `{"policy": {...}}` (the
+    /// policy now in force) or `{"error": "..."}` (nothing changed).
+    SetPolicy { change: PolicyChange },
+    /// Set the fast-path mode for new connections; answered by `{"fast_path": {...}}` (the
+    /// mode now in force and its counters) or `{"error": "..."}`.
+    SetFastPath { mode: FastPathMode },
+}
+
+impl Request {
+    /// Parses one request line; the bare word `status` is the original protocol.
+    pub fn parse(line: &str) -> Result<Request, String> {
+        let line = line.trim();
+        if line == "status" {
+            return Ok(Request::Status);
+        }
+        if !line.starts_with('{') {
+            return Err(format!("unknown request {line:?}"));
+        }
+        serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,11 +87,24 @@ pub enum ControlError {
     NotRunning { path: PathBuf, #[source] source: io::Error },
     #[error("the agent's control socket {path} answered badly: {why}")]
     BadAnswer { path: PathBuf, why: String },
+    #[error("the agent refused the request (nothing changed): {0}")]
+    Refused(String),
 }
 
 /// Something that can produce a status report on request.
 pub trait StatusSource: Send + Sync + 'static {
     fn status(&self) -> StatusReport;
+
+    /// Applies a live policy change and returns the policy now in force, or says why not (and
+    /// changes nothing). May block (it waits for the kernel): called off the runtime.
+    fn set_policy(&self, _change: PolicyChange) -> Result<PolicyReport, String> {
+        Err("this agent runs `serve`: it redirects nothing and has no policy to change".to_owned())
+    }
+
+    /// Sets the fast-path mode for new connections; returns the mode now in force.
+    fn set_fast_path(&self, _mode: FastPathMode) -> Result<FastPathStatus, String> {
+        Err("this agent runs `serve`: it has no fast path".to_owned())
+    }
 }
 
 /// Creates the run directory (0700) and binds the control socket (0600). Refuses when another
@@ -106,9 +155,35 @@ async fn answer(stream: UnixStream, source: Arc<dyn StatusSource>) -> io::Result
     tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request timed out"))??;
-    let reply = match line.trim() {
-        "status" => serde_json::to_string(&source.status()).map_err(io::Error::other)?,
-        other => serde_json::json!({ "error": format!("unknown request {other:?}") }).to_string(),
+    let reply = match Request::parse(&line) {
+        Ok(Request::Status) => serde_json::to_string(&source.status()).map_err(io::Error::other)?,
+        Ok(Request::SetPolicy { change }) => {
+            // Only the agent's own user (root) may change what is kept. The socket is 0600
+            // already; this holds even if its mode is loosened by hand.
+            let uid = write.as_ref().peer_cred().map(|c| c.uid()).ok();
+            if uid != Some(nix::unistd::geteuid().as_raw()) {
+                serde_json::json!({ "error": "only the agent's own user may change the policy" }).to_string()
+            } else {
+                match tokio::task::spawn_blocking(move || source.set_policy(change)).await.map_err(io::Error::other)? {
+                    Ok(policy) => serde_json::json!({ "policy": policy }).to_string(),
+                    Err(why) => serde_json::json!({ "error": why }).to_string(),
+                }
+            }
+        }
+        Ok(Request::SetFastPath { mode }) => {
+            // Like a policy change: only the agent's own user.
+            let uid = write.as_ref().peer_cred().map(|c| c.uid()).ok();
+            if uid != Some(nix::unistd::geteuid().as_raw()) {
+                serde_json::json!({ "error": "only the agent's own user may change the fast path" }).to_string()
+            } else {
+                // May probe the kernel first (half a second): off the runtime.
+                match tokio::task::spawn_blocking(move || source.set_fast_path(mode)).await.map_err(io::Error::other)? {
+                    Ok(status) => serde_json::json!({ "fast_path": status }).to_string(),
+                    Err(why) => serde_json::json!({ "error": why }).to_string(),
+                }
+            }
+        }
+        Err(why) => serde_json::json!({ "error": why }).to_string(),
     };
     write.write_all(reply.as_bytes()).await?;
     write.write_all(b"\n").await?;
@@ -124,6 +199,50 @@ pub async fn query_status(run_dir: &Path) -> Result<StatusReport, ControlError> 
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).await.map_err(|e| bad(e.to_string()))?;
     serde_json::from_str(&reply).map_err(|e| bad(e.to_string()))
+}
+
+/// Asks the agent behind `run_dir` to change its policy; returns the policy now in force.
+pub async fn set_policy(run_dir: &Path, change: PolicyChange) -> Result<PolicyReport, ControlError> {
+    let path = run_dir.join(SOCKET_NAME);
+    let mut stream = UnixStream::connect(&path).await.map_err(|source| ControlError::NotRunning { path: path.clone(), source })?;
+    let bad = |why: String| ControlError::BadAnswer { path: path.clone(), why };
+    let mut request = serde_json::to_string(&Request::SetPolicy { change }).map_err(|e| bad(e.to_string()))?;
+    request.push('\n');
+    stream.write_all(request.as_bytes()).await.map_err(|e| bad(e.to_string()))?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).await.map_err(|e| bad(e.to_string()))?;
+    #[derive(Deserialize)]
+    struct Reply {
+        policy: Option<PolicyReport>,
+        error: Option<String>,
+    }
+    match serde_json::from_str::<Reply>(&reply).map_err(|e| bad(format!("{e}: {reply:?}")))? {
+        Reply { error: Some(why), .. } => Err(ControlError::Refused(why)),
+        Reply { policy: Some(policy), .. } => Ok(policy),
+        Reply { .. } => Err(bad(format!("neither a policy nor an error: {reply:?}"))),
+    }
+}
+
+/// Asks the agent behind `run_dir` to set its fast-path mode; returns the mode now in force.
+pub async fn set_fast_path(run_dir: &Path, mode: FastPathMode) -> Result<FastPathStatus, ControlError> {
+    let path = run_dir.join(SOCKET_NAME);
+    let mut stream = UnixStream::connect(&path).await.map_err(|source| ControlError::NotRunning { path: path.clone(), source })?;
+    let bad = |why: String| ControlError::BadAnswer { path: path.clone(), why };
+    let mut request = serde_json::to_string(&Request::SetFastPath { mode }).map_err(|e| bad(e.to_string()))?;
+    request.push('\n');
+    stream.write_all(request.as_bytes()).await.map_err(|e| bad(e.to_string()))?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).await.map_err(|e| bad(e.to_string()))?;
+    #[derive(Deserialize)]
+    struct Reply {
+        fast_path: Option<FastPathStatus>,
+        error: Option<String>,
+    }
+    match serde_json::from_str::<Reply>(&reply).map_err(|e| bad(format!("{e}: {reply:?}")))? {
+        Reply { error: Some(why), .. } => Err(ControlError::Refused(why)),
+        Reply { fast_path: Some(status), .. } => Ok(status),
+        Reply { .. } => Err(bad(format!("neither a fast path status nor an error: {reply:?}"))),
+    }
 }
 
 /// The `ss`-like table `status` prints without `--json`: a header line, the counters, one row
@@ -144,20 +263,41 @@ pub fn render_table(report: &StatusReport) -> String {
     let c = &report.counters;
     let _ = writeln!(
         out,
-        "accepted {}  kept {}  plain {}  handshake failures {}  peer sessions {}  refused targets {}",
-        c.accepted, c.kept, c.plain_fallbacks, c.handshake_failures, c.peer_sessions, c.refused_targets
+        "accepted {}  kept {}  plain {}  handshake failures {}  peer sessions {}  refused targets {}  transparent failures {}",
+        c.accepted,
+        c.kept,
+        c.plain_fallbacks,
+        c.handshake_failures,
+        c.peer_sessions,
+        c.refused_targets,
+        c.transparent_failures
     );
     if let Some(k) = &report.kernel {
         let _ = writeln!(
             out,
-            "kernel: redirected {}  skipped (no agent {}, policy {}, agent's own {})  fast path {} msgs, {} misses{}",
+            "kernel: redirected {}  skipped (no agent {}, ports {}, excluded cidr {}, excluded cgroup {}, agent's own {}, connection limit {})  fast path {} msgs, {} misses{}",
             k.redirected,
             k.skipped_negative,
             k.skipped_policy,
+            k.skipped_cidr,
+            k.skipped_cgroup,
             k.skipped_agent,
+            k.skipped_limit,
             k.fast_path_msgs,
             k.fast_path_misses,
             if report.fast_path == Some(false) { " (off)" } else { "" }
+        );
+    }
+    if let Some(f) = &report.fast_path_mode {
+        let _ = writeln!(
+            out,
+            "fast path: mode {}, new connections {}{}; joined: on {}, auto {}; in-flight limit reached {}",
+            f.mode,
+            f.effective,
+            f.off_because.as_ref().map(|why| format!(" (auto turned it off: {why})")).unwrap_or_default(),
+            f.connections_on,
+            f.connections_auto,
+            f.limited
         );
     }
     const HEADER: [&str; 12] =
@@ -214,6 +354,9 @@ pub fn render_table(report: &StatusReport) -> String {
             let _ = writeln!(out, "  {:<40} expires in {}s", n.host.to_string(), n.expires_in_secs);
         }
     }
+    if let Some(policy) = &report.policy {
+        let _ = writeln!(out, "policy: {}", crate::policy::one_line(policy));
+    }
     out
 }
 
@@ -242,6 +385,20 @@ mod tests {
     }
 
     #[test]
+    fn requests_parse_in_the_old_and_the_new_form() {
+        assert_eq!(Request::parse("status\n"), Ok(Request::Status));
+        assert_eq!(Request::parse("{\"request\":\"status\"}\n"), Ok(Request::Status));
+        let change = PolicyChange { exclude_ports: Some(vec![25]), ..PolicyChange::default() };
+        let line = serde_json::to_string(&Request::SetPolicy { change: change.clone() }).unwrap();
+        assert_eq!(line, r#"{"request":"set_policy","change":{"exclude_ports":[25]}}"#);
+        assert_eq!(Request::parse(&line), Ok(Request::SetPolicy { change }));
+        assert_eq!(Request::parse("reboot"), Err("unknown request \"reboot\"".to_owned()));
+        let e = Request::parse(r#"{"request":"set_policy","change":{"exclude_cidrs":[]}}"#).unwrap_err();
+        assert!(e.starts_with("bad request: unknown field `exclude_cidrs`"), "{e}");
+        assert!(Request::parse(r#"{"request":"format_disk"}"#).unwrap_err().starts_with("bad request"));
+    }
+
+    #[test]
     fn table_columns_line_up_whatever_the_addresses() {
         let report = StatusReport {
             version: "0.1.0".into(),
@@ -258,6 +415,8 @@ mod tests {
             negative_cache: vec![NegativeEntry { host: "192.0.2.9".parse().unwrap(), expires_in_secs: 60 }],
             kernel: Some(KernelStats { redirected: 2, ..KernelStats::default() }),
             counters: CountersSnapshot { accepted: 2, kept: 2, ..CountersSnapshot::default() },
+            policy: Some(crate::policy::PolicyReport::default()),
+            fast_path_mode: None,
         };
         let text = render_table(&report);
         let lines: Vec<&str> = text.lines().collect();
@@ -274,6 +433,10 @@ mod tests {
             assert!(l.ends_with("3s") && l.contains("42ms"), "{text}");
         }
         assert!(text.contains("hosts without an agent (not redirected):\n  192.0.2.9"), "{text}");
+        assert!(
+            text.ends_with("policy: ports all, exclude-ports none, exclude-cidr none, exclude-cgroup none, 0 live changes\n"),
+            "{text}"
+        );
 
         let empty = StatusReport { connections: vec![], negative_cache: vec![], kernel: None, ..report };
         assert!(render_table(&empty).contains("(no connections)"));

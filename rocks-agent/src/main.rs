@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _};
-use rocks_agent::{agent, cli, config, control, secret::Secret};
+use rocks_agent::{agent, cli, config, control, policy, secret::Secret};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -50,6 +50,29 @@ async fn run(command: cli::Command, matches: &ArgMatches) -> anyhow::Result<()> 
             }
             Ok(())
         }
+        cli::Command::Policy(args) => {
+            let change = args.change().map_err(anyhow::Error::msg)?;
+            let policy = if change.is_empty() {
+                let report = control::query_status(&args.run_dir).await?;
+                report.policy.ok_or_else(|| {
+                    anyhow::anyhow!("the agent runs `serve`: it redirects nothing and has no policy")
+                })?
+            } else {
+                control::set_policy(&args.run_dir, change).await?
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&policy)?);
+            } else {
+                print!("{}", policy::render(&policy));
+            }
+            Ok(())
+        }
+        cli::Command::FastPath(args) => {
+            let status = control::set_fast_path(&args.run_dir, args.mode).await?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(())
+        }
+        cli::Command::Detach(args) => agent::detach_leftovers(&args.run_dir).await,
         cli::Command::Keygen(args) => {
             Secret::generate().write_new(&args.out)?;
             eprintln!("rocks-agent: wrote a new cluster secret to {}", args.out.display());

@@ -182,6 +182,16 @@ pub fn render(report: &StatusReport, totals: &Totals) -> String {
             "Sessions refused because the peer asked for a destination that is not an address of this host.",
             c.refused_targets,
         ),
+        (
+            "rocks_transparent_failures_total",
+            "Connections reset because the dial from the client's address could not be made (--transparent on).",
+            c.transparent_failures,
+        ),
+        (
+            "rocks_connection_limit_reached_total",
+            "Times the agent reached --max-connections and sent new connects direct (not kept).",
+            c.connection_limit_reached,
+        ),
     ] {
         w.family(name, "counter", help);
         w.sample(name, &[], value);
@@ -232,6 +242,9 @@ pub fn render(report: &StatusReport, totals: &Totals) -> String {
             ("skipped_agent", k.skipped_agent),
             ("fast_path_msgs", k.fast_path_msgs),
             ("fast_path_misses", k.fast_path_misses),
+            ("skipped_limit", k.skipped_limit),
+            ("skipped_cidr", k.skipped_cidr),
+            ("skipped_cgroup", k.skipped_cgroup),
         ] {
             w.sample("rocks_kernel_events_total", &[("event", event)], n);
         }
@@ -307,6 +320,8 @@ mod tests {
             negative_cache: vec![NegativeEntry { host: "192.0.2.9".parse().unwrap(), expires_in_secs: 60 }],
             kernel: Some(KernelStats { redirected: 5, ..KernelStats::default() }),
             counters: registry.counters(),
+            policy: None,
+            fast_path_mode: None,
         }
     }
 

@@ -109,6 +109,8 @@ pub struct Counters {
     pub handshake_failures: AtomicU64,
     pub peer_sessions: AtomicU64,
     pub refused_targets: AtomicU64,
+    pub transparent_failures: AtomicU64,
+    pub connection_limit_reached: AtomicU64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -119,6 +121,12 @@ pub struct CountersSnapshot {
     pub handshake_failures: u64,
     pub peer_sessions: u64,
     pub refused_targets: u64,
+    /// Connections reset because the dial from the client's address could not be made.
+    #[serde(default)]
+    pub transparent_failures: u64,
+    /// Times the agent reached `--max-connections` and sent new connects direct.
+    #[serde(default)]
+    pub connection_limit_reached: u64,
 }
 
 #[derive(Default)]
@@ -254,6 +262,8 @@ impl Registry {
             handshake_failures: c.handshake_failures.load(Relaxed),
             peer_sessions: c.peer_sessions.load(Relaxed),
             refused_targets: c.refused_targets.load(Relaxed),
+            transparent_failures: c.transparent_failures.load(Relaxed),
+            connection_limit_reached: c.connection_limit_reached.load(Relaxed),
         }
     }
 

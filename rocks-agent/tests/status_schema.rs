@@ -17,7 +17,7 @@ use serde_json::Value;
 const DOC: &str = include_str!("../../docs/status-schema.md");
 
 /// Section of the document -> the field names its table lists (first column, in backticks).
-/// Sections: "" (top level), "connections[]", "negative_cache[]", "kernel", "counters".
+/// Sections: "" (top level), "connections[]", "negative_cache[]", "kernel", "counters", "policy".
 fn documented(doc: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut section = None;
@@ -70,6 +70,8 @@ fn populated_report() -> StatusReport {
         negative_cache: vec![NegativeEntry { host: "192.0.2.9".parse().unwrap(), expires_in_secs: 60 }],
         kernel: Some(KernelStats::default()),
         counters: registry.counters(),
+        policy: Some(rocks_agent::policy::PolicyReport { ports: Some(vec![22]), ..Default::default() }),
+        fast_path_mode: Some(rocks_agent::fastpath::FastPathStatus::default()),
     };
     drop(guard);
     report
@@ -80,7 +82,7 @@ fn status_json_has_exactly_the_documented_fields() {
     let doc = documented(DOC);
     assert_eq!(
         doc.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["", "connections[]", "counters", "kernel", "negative_cache[]"],
+        ["", "connections[]", "counters", "fast_path_mode", "kernel", "negative_cache[]", "policy"],
         "sections of docs/status-schema.md"
     );
     let report = populated_report();
@@ -93,11 +95,13 @@ fn status_json_has_exactly_the_documented_fields() {
         cgroups: vec![],
         fast_path: None,
         kernel: None,
+        policy: None,
+        fast_path_mode: None,
         ..report
     };
     let v = serde_json::to_value(&serve).unwrap();
     assert_eq!(keys(&v), doc[""]);
-    for field in ["redirect_port", "fast_path", "kernel"] {
+    for field in ["redirect_port", "fast_path", "fast_path_mode", "kernel", "policy"] {
         assert!(v[field].is_null(), "{field}: {v}");
     }
 }

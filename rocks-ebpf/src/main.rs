@@ -9,6 +9,7 @@
 //! - `sk_msg`: redirect each `sendmsg` on a sockhash member straight into the ingress queue of
 //!   the other end, so the loopback hop skips the TCP/IP stack.
 //! - `getpeername4`/`getpeername6` (cgroup): make the application see its original destination.
+//! - `sock_release` (cgroup): forget a socket's original destination when the socket closes.
 //!
 //! Every decision that leaves a connection alone returns "allow" unchanged: a bug or a full map
 //! here must degrade to ordinary TCP, never to a failed connect.//! The programs only exist for the bpf target (`rocks-agent`'s build script builds them with
@@ -26,7 +27,11 @@ mod fastpath;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod listener;
+#[cfg(target_arch = "bpf")]
 mod peername;
+#[cfg(target_arch = "bpf")]
+mod release;
 
 /// Allow the syscall to proceed (cgroup sock_addr programs: 1 = allow).
 #[cfg(target_arch = "bpf")]

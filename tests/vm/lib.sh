@@ -6,6 +6,7 @@ NOAGENT4=192.0.2.3         # server VM too, but no agent listens here: "a host w
 SERVER6=2001:db8::2
 CLIENT4=192.0.2.10         # client VM
 CLIENT4_MOVED=192.0.2.11   # the client's address after the ip-change scenario
+CLIENT6=2001:db8::10
 PEER_PORT=4470             # rocks-agent's peer port
 APP_PORT=5001              # rocks-testpeer serve
 

@@ -576,6 +576,10 @@ impl Demo {
             exit(outcome.status)
         );
         match self.sshd_client_address() {
+            Some(from) if from == LAPTOP_IP => println!(
+                "  sshd logged the login as coming from {from}, the laptop: the server's agent \
+                 connects to sshd from the laptop's address (--transparent on)."
+            ),
             Some(from) if from == SERVER_IP => println!(
                 "  sshd logged the login as coming from {from}, the server itself: it sees the \
                  server's agent, not the laptop."

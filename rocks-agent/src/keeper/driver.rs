@@ -31,8 +31,6 @@ use crate::{
     session::{CloseReason, Event, OpenError, ResumeAttempt, Session, State, TransportId},
 };
 
-/// Bytes read from the local socket in one go.
-const READ_CHUNK: usize = 64 << 10;
 /// Received bytes taken from the core but not yet written to the local socket. Above this the
 /// driver stops taking (`recv`), so the core stops acknowledging and the peer stops sending.
 const LOCAL_OUT_LIMIT: usize = 256 << 10;
@@ -49,7 +47,14 @@ pub struct ResumeOffer {
 /// Which end this driver runs.
 pub enum Side {
     /// Dials the peer agent again when the core asks (`Event::Reconnect`).
-    Client { peer: SocketAddr, connect_timeout: Duration, path_changes: Option<broadcast::Receiver<()>> },
+    Client {
+        peer: SocketAddr,
+        connect_timeout: Duration,
+        path_changes: Option<broadcast::Receiver<()>>,
+        /// Set when the application socket is on the sk_msg fast path: every read is reported
+        /// to it (the `auto` bound counts what the agent has not read yet).
+        fast_flow: Option<crate::fastpath::FlowHandle>,
+    },
     /// Receives resumes found by the peer listener.
     Server { resumes: mpsc::Receiver<ResumeOffer> },
 }
@@ -60,7 +65,7 @@ pub enum Local {
     Connected(TcpStream),
     /// Server: the destination, dialed only once the session is confirmed (a replayed
     /// handshake message must never make us connect anywhere).
-    Dial { dst: SocketAddr, timeout: Duration, allowed: bool },
+    Dial { dial: super::dial::Dial, allowed: bool },
 }
 
 /// The reset code a session carries to the peer when this agent stops.
@@ -96,7 +101,7 @@ pub async fn run(
 ) -> Ending {
     let (mut local, mut dial) = match local {
         Local::Connected(stream) => (Some(stream), None),
-        Local::Dial { dst, timeout, allowed } => (None, Some((dst, timeout, allowed))),
+        Local::Dial { dial, allowed } => (None, Some((dial, allowed))),
     };
     let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(64);
     let mut transports: HashMap<TransportId, Transport> = HashMap::new();
@@ -142,15 +147,11 @@ pub async fn run(
                 Event::Established { id } => {
                     entry.set_session_id(id.to_string());
                     entry.set_state("active");
-                    if let Some((dst, timeout, allowed)) = dial.take() {
+                    if let Some((dial, allowed)) = dial.take() {
                         if allowed {
                             let tx = inbound_tx.clone();
                             tokio::spawn(async move {
-                                let result = net::connect_marked(dst, timeout).await.map_err(|e| match e {
-                                    net::ConnectError::Refused => OpenError::Refused,
-                                    net::ConnectError::TimedOut(_) => OpenError::TimedOut,
-                                    net::ConnectError::Other(_) => OpenError::Unreachable,
-                                });
+                                let result = dial.run().await;
                                 let _ = tx.send(Inbound::Dialed(result)).await;
                             });
                         } else {
@@ -315,21 +316,32 @@ pub async fn run(
             },
             ready = readable(local.as_ref()), if can_read_local => {
                 if let (Ok(()), Some(l)) = (ready, local.as_ref()) {
-                    // Allocated per read rather than per session: an idle connection holds no
-                    // read buffer (the core copies what it takes).
-                    let want = session.send_capacity().min(READ_CHUNK);
-                    let mut read_buf = Vec::with_capacity(want);
-                    match l.try_read_buf(&mut read_buf) {
+                    // Read into the runtime thread's scratch buffer and handed to the core at
+                    // once (it copies what it takes): an idle connection holds no read buffer.
+                    let want = session.send_capacity().min(transport::READ_CHUNK);
+                    let read = transport::with_scratch(|buf| {
+                        let read = l.try_read(&mut buf[..want]);
+                        if let Ok(n @ 1..) = read {
+                            let taken = session.send(&buf[..n]);
+                            debug_assert_eq!(taken, n, "read no more than send_capacity");
+                        }
+                        read
+                    });
+                    match read {
                         Ok(0) => {
                             local_read_done = true;
                             session.finish();
                         }
                         Ok(n) => {
-                            let taken = session.send(&read_buf[..n]);
-                            debug_assert_eq!(taken, n, "read no more than send_capacity");
+                            if let Side::Client { fast_flow: Some(flow), .. } = &mut side {
+                                flow.read(n);
+                            }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => {
+                            if let Side::Client { fast_flow: Some(flow), .. } = &side {
+                                flow.read_failed(&e);
+                            }
                             warn!(id = entry.id, error = %e, "local socket failed; resetting the session");
                             session.reset(1);
                             reset_by_us = true;
@@ -372,6 +384,9 @@ fn flush_transmits(session: &mut Session, transports: &mut HashMap<TransportId, 
         if !tr.write() {
             lost.push(id);
         }
+        if let Some(backlogged) = tr.backlog_change() {
+            session.set_backlogged(id, backlogged);
+        }
     }
     for id in lost {
         session.transport_lost(now, id);
@@ -387,7 +402,14 @@ fn transport_io(session: &mut Session, transports: &mut HashMap<TransportId, Tra
             None => return,
         },
         Ready::Writable(id) => match transports.get_mut(&id) {
-            Some(tr) => (id, tr.write()),
+            Some(tr) => {
+                let alive = tr.write();
+                // Drained enough: the loop's next flush hands the socket data frames again.
+                if let Some(backlogged) = tr.backlog_change() {
+                    session.set_backlogged(id, backlogged);
+                }
+                (id, alive)
+            }
             None => return,
         },
     };

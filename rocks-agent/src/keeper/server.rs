@@ -5,7 +5,10 @@ use std::{io, net::SocketAddr, sync::Arc, sync::atomic::Ordering::Relaxed};
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::mpsc, time::Instant};
 use tracing::{debug, info, warn};
 
-use super::driver::{self, Ending, Local, ResumeOffer, Side};
+use super::{
+    dial,
+    driver::{self, Ending, Local, ResumeOffer, Side},
+};
 use crate::{
     agent::Shared,
     net,
@@ -116,7 +119,11 @@ async fn open(shared: Arc<Shared>, stream: TcpStream, from: SocketAddr, session:
     let (tx, rx) = mpsc::channel(RESUME_QUEUE);
     shared.sessions.lock().expect("sessions lock").insert(id, tx);
     info!(id = entry.id, session = %id, peer = %from, %dst, "serving a kept connection");
-    let local = Local::Dial { dst, timeout: shared.dial_timeout, allowed };
+    // The address this first transport came from stays the connection's source for its whole
+    // life, whichever address later resumes arrive from.
+    let source = if shared.transparent { dial::Source::Client(from.ip()) } else { dial::Source::Own };
+    let dial = dial::Dial { dst, timeout: shared.dial_timeout, source, registry: shared.registry.clone(), id: entry.id };
+    let local = Local::Dial { dial, allowed };
     let ending = driver::run(session, stream, local, Side::Server { resumes: rx }, &entry, shared.stopping.subscribe()).await;
     shared.sessions.lock().expect("sessions lock").remove(&id);
     match ending {

@@ -18,8 +18,12 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use crate::session::TransportId;
 
-/// Bytes read from a transport in one go.
-const READ_CHUNK: usize = 64 << 10;
+/// Bytes read from a transport or a local socket in one go.
+pub(super) const READ_CHUNK: usize = 64 << 10;
+/// Sealed bytes queued for a socket above which the core stops giving it data frames, and below
+/// which it starts again: the kernel's send buffer is the real queue; ours only smooths bursts.
+const BACKLOG_HIGH: usize = 256 << 10;
+const BACKLOG_LOW: usize = 64 << 10;
 /// How long a transport the core is done with may take to flush its last bytes.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
@@ -30,10 +34,25 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` with this runtime thread's read buffer (`READ_CHUNK` bytes). `f` must hand what it
+/// reads on before returning: the buffer is the next reader's.
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        if buf.len() < READ_CHUNK {
+            buf.resize(READ_CHUNK, 0);
+        }
+        f(&mut buf[..])
+    })
+}
+
 pub(super) struct Transport {
     stream: TcpStream,
     /// Sealed records the socket has not taken yet.
     out: VecDeque<Bytes>,
+    queued: usize,
+    /// What the core was last told about this transport (see `Session::set_backlogged`).
+    backlogged: bool,
     /// The peer closed it or an I/O call failed: nothing more is read or written, and the
     /// driver has told the core (once).
     failed: bool,
@@ -47,7 +66,7 @@ pub(super) enum Ready {
 
 impl Transport {
     pub(super) fn new(stream: TcpStream) -> Transport {
-        Transport { stream, out: VecDeque::new(), failed: false }
+        Transport { stream, out: VecDeque::new(), queued: 0, backlogged: false, failed: false }
     }
 
     /// Reads what is waiting and hands it to `deliver`. False when the transport is lost
@@ -56,12 +75,8 @@ impl Transport {
         if self.failed {
             return true;
         }
-        let outcome = SCRATCH.with(|scratch| {
-            let mut buf = scratch.borrow_mut();
-            if buf.len() < READ_CHUNK {
-                buf.resize(READ_CHUNK, 0);
-            }
-            match self.stream.try_read(&mut buf[..]) {
+        let outcome = with_scratch(|buf| {
+            match self.stream.try_read(buf) {
                 Ok(0) => Err(()),
                 Ok(n) => {
                     deliver(&buf[..n]);
@@ -77,8 +92,19 @@ impl Transport {
     /// Queues a sealed record; [`Transport::write`] sends it.
     pub(super) fn queue(&mut self, data: Bytes) {
         if !self.failed {
+            self.queued += data.len();
             self.out.push_back(data);
         }
+    }
+
+    /// Whether the core should stop (`Some(true)`) or resume (`Some(false)`) giving this
+    /// transport data frames; `None` when nothing changed.
+    pub(super) fn backlog_change(&mut self) -> Option<bool> {
+        let now = if self.backlogged { self.queued > BACKLOG_LOW } else { self.queued > BACKLOG_HIGH };
+        (now != self.backlogged).then(|| {
+            self.backlogged = now;
+            now
+        })
     }
 
     /// Writes what the socket takes now. False when the transport is lost.
@@ -86,9 +112,13 @@ impl Transport {
         while let Some(front) = self.out.front_mut() {
             match self.stream.try_write(front) {
                 Ok(n) if n == front.len() => {
+                    self.queued -= n;
                     self.out.pop_front();
                 }
-                Ok(n) => front.advance(n),
+                Ok(n) => {
+                    self.queued -= n;
+                    front.advance(n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(_) => return self.fail_if(true),
             }
@@ -100,6 +130,7 @@ impl Transport {
         if lost && !self.failed {
             self.failed = true;
             self.out.clear();
+            self.queued = 0;
             return false;
         }
         true

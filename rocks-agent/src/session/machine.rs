@@ -93,6 +93,8 @@ struct Link {
     last_send: Instant,
     /// A frame arrived on it after the handshake (it really worked).
     got_frame: bool,
+    /// The driver's socket for it holds more than it should: no new data frames for now.
+    backlogged: bool,
 }
 
 enum Phase {
@@ -156,6 +158,7 @@ impl Link {
             last_recv: now,
             last_send: now,
             got_frame: false,
+            backlogged: false,
         }
     }
 
@@ -431,6 +434,18 @@ impl Session {
         };
         self.link_failed(now, link, slot, reason);
         self.maybe_reconnect(now);
+    }
+
+    /// The driver's socket for `transport` holds more than it should (the network takes it
+    /// slower than the application writes): no new data frames for it until this is cleared,
+    /// so what waits is the replay buffer's plaintext (which pushes back on the application)
+    /// rather than an ever longer queue of sealed records. Acks, pings and handshakes still go,
+    /// so the transport is not declared dead for it and a resume is not held up.
+    pub fn set_backlogged(&mut self, transport: TransportId, backlogged: bool) {
+        let links = self.active.iter_mut().chain(self.pending.iter_mut());
+        for link in links.filter(|l| l.id == transport) {
+            link.backlogged = backlogged;
+        }
     }
 
     /// Client: the local network changed (address or route). The current transport may be
@@ -1144,7 +1159,7 @@ impl Session {
             self.ack_due = false;
             self.ack_deadline = None;
         }
-        while link.out.len() < TRANSMIT_BATCH {
+        while !link.backlogged && link.out.len() < TRANSMIT_BATCH {
             let Some((offset, data)) = self.send.next_chunk(self.config.max_frame_data) else { break };
             link.queue(&Frame::Data { offset, data })?;
         }

@@ -111,6 +111,11 @@ pub struct AgentSpec {
     args: Vec<OsString>,
     mode: &'static str,
     env: Vec<(OsString, OsString)>,
+    /// A soft open-file limit to start the agent with (the hard limit stays).
+    nofile_soft: Option<u64>,
+    /// A run directory chosen by the test (shared by agents started one after another);
+    /// default: a fresh one per agent.
+    run_dir: Option<PathBuf>,
 }
 
 impl AgentSpec {
@@ -127,6 +132,8 @@ impl AgentSpec {
             args,
             mode: "attach",
             env: Vec::new(),
+            nofile_soft: None,
+            run_dir: None,
         }
     }
 
@@ -141,6 +148,8 @@ impl AgentSpec {
             args,
             mode: "serve",
             env: Vec::new(),
+            nofile_soft: None,
+            run_dir: None,
         }
     }
 
@@ -157,6 +166,8 @@ impl AgentSpec {
             args: a,
             mode,
             env: Vec::new(),
+            nofile_soft: None,
+            run_dir: None,
         }
     }
 
@@ -178,9 +189,45 @@ impl AgentSpec {
         self
     }
 
+    /// Starts the agent with this soft open-file limit, as under a service manager whose
+    /// default is low (systemd's is 1024); the hard limit is left as it is.
+    pub fn open_file_limit(mut self, soft: u64) -> AgentSpec {
+        self.nofile_soft = Some(soft);
+        self
+    }
+
+    /// Uses this run directory instead of a fresh one, so a later agent can take over what
+    /// this one leaves pinned. The test then owns the leftovers (`rocks-agent detach`).
+    pub fn run_dir(mut self, dir: impl Into<PathBuf>) -> AgentSpec {
+        self.run_dir = Some(dir.into());
+        self
+    }
+
     /// Starts the agent in `host` and waits until its control socket answers `status`.
     pub fn start(self, host: &Host) -> Result<Agent> {
         Agent::start(host, self)
+    }
+}
+
+/// Makes the command's child lower its soft RLIMIT_NOFILE to `soft` before it execs.
+fn set_soft_nofile(cmd: &mut Command, soft: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook only calls getrlimit(2) and setrlimit(2) (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim.rlim_cur = soft.min(lim.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -196,13 +243,21 @@ pub struct Agent {
     host_name: String,
     mode: &'static str,
     exit: Option<ExitStatus>,
+    /// Whether the run directory is this agent's own (then so are its pins on bpffs).
+    own_run_dir: bool,
 }
 
 impl Agent {
     fn start(host: &Host, spec: AgentSpec) -> Result<Agent> {
         let dir = TempDir::new(&format!("agent-{}", host.label()))?;
+        static STALE_PINS: std::sync::Once = std::sync::Once::new();
+        STALE_PINS.call_once(crate::bpf::cleanup_stale_pins);
         // Not created here: the agent makes its own run directory.
-        let run_dir = dir.path().join("run");
+        let own_run_dir = spec.run_dir.is_none();
+        let run_dir = spec
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("run"));
         let cgroup = TestCgroup::new()?;
         let mut cmd = host.exec(agent_bin()?);
         cmd.args(&spec.args)
@@ -214,6 +269,9 @@ impl Agent {
             cmd.env(k, v);
         }
         join_cgroup(&mut cmd, cgroup.path())?;
+        if let Some(soft) = spec.nofile_soft {
+            set_soft_nofile(&mut cmd, soft);
+        }
         let child = Child::spawn(cmd)?;
         let mut agent = Agent {
             child,
@@ -221,6 +279,7 @@ impl Agent {
             run_dir,
             _dir: dir,
             host_name: host.name().to_owned(),
+            own_run_dir,
             mode: spec.mode,
             exit: None,
         };
@@ -350,6 +409,20 @@ impl Agent {
         self.exit = Some(out.status);
         Ok(out.status)
     }
+
+    /// SIGKILL, as the OOM killer would: the agent cannot detach, and leaves its programs
+    /// attached and pinned. Returns the exit status.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        if let Some(st) = self.exit {
+            return Ok(st);
+        }
+        if self.child.try_wait()?.is_none() {
+            self.child.signal(Signal::SIGKILL)?;
+        }
+        let out = self.child.wait_with_timeout(STOP_TIMEOUT)?;
+        self.exit = Some(out.status);
+        Ok(out.status)
+    }
 }
 
 impl Drop for Agent {
@@ -361,6 +434,30 @@ impl Drop for Agent {
                 "rocks-e2e: stopping rocks-agent in {}: {e:#}",
                 self.host_name
             );
+        }
+        // An agent that did not exit cleanly (killed, crashed, or --on-exit keep) leaves its
+        // programs pinned on bpffs; they must not outlive the test.
+        if self.mode == "attach"
+            && self.own_run_dir
+            && !self
+                .exit
+                .is_some_and(|st| st.success() && !self.log().contains("--on-exit keep"))
+        {
+            let detach = run_agent(
+                None,
+                [
+                    OsStr::new("detach"),
+                    OsStr::new("--run-dir"),
+                    self.run_dir.as_os_str(),
+                ],
+                Duration::from_secs(10),
+            );
+            if let Err(e) = detach {
+                eprintln!(
+                    "rocks-e2e: rocks-agent detach --run-dir {}: {e:#}",
+                    self.run_dir.display()
+                );
+            }
         }
         if std::thread::panicking() {
             eprintln!(

@@ -30,13 +30,14 @@ pub use spawn::{Child, spawn_in, wait_for_tcp_listen};
 pub use sshd::Sshd;
 pub use testpeer::{AddrReport, ClientReport, ServerRecord};
 
-/// Removes everything a killed test run left behind (namespaces, cgroups, temp directories
-/// whose creating process is gone). The constructors already do this once per process; this is
-/// for tools such as an `xtask clean`.
+/// Removes everything a killed test run left behind (namespaces, cgroups, temp directories,
+/// agents' pins on bpffs, whose creating process is gone). The constructors already do this
+/// once per process; this is for tools such as an `xtask clean`.
 pub fn cleanup_stale() -> anyhow::Result<()> {
     netns::cleanup_stale()?;
     cgroup::cleanup_stale()?;
     util::cleanup_stale_tempdirs();
+    bpf::cleanup_stale_pins();
     Ok(())
 }
 

@@ -29,6 +29,12 @@ impl Sshd {
     /// Starts sshd in `host` listening on the host's current IPv4 and IPv6 addresses at
     /// `port`, and waits until it listens.
     pub fn start(host: &Host, port: u16) -> Result<Sshd> {
+        Sshd::start_with(host, port, "")
+    }
+
+    /// As [`Sshd::start`], with `extra` lines appended to the generated `sshd_config` (e.g.
+    /// `AllowUsers root@192.0.2.2`).
+    pub fn start_with(host: &Host, port: u16, extra: &str) -> Result<Sshd> {
         let sshd = which("sshd").context("sshd not found")?;
         let ssh = which("ssh").context("ssh not found")?;
         let dir = TempDir::new("sshd")?;
@@ -62,7 +68,8 @@ impl Sshd {
                  MaxStartups 100\n\
                  MaxSessions 100\n\
                  Subsystem sftp internal-sftp\n\
-                 LogLevel VERBOSE\n",
+                 LogLevel VERBOSE\n\
+                 {extra}\n",
                 ip4 = host.ip4(),
                 ip6 = host.ip6(),
                 host_key = host_key.display(),

@@ -281,6 +281,34 @@ pub struct AddrReport {
     pub connect_us: u64,
 }
 
+/// What `rocks-testpeer storm` prints: many connections opened at once, each running the
+/// protocol with small transfers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StormReport {
+    /// Connections asked for.
+    pub count: u64,
+    /// connect() succeeded.
+    pub connected: u64,
+    /// Transfers that completed byte-exact both ways (pattern and sha256 on both ends), and
+    /// whose getpeername() showed the address dialed.
+    pub ok: u64,
+    /// Connections whose getsockname() was a loopback address: redirected to a local agent.
+    pub via_loopback: u64,
+    /// From the first connect() until every connect() had returned.
+    pub connect_ms: u64,
+    /// From the first connect() until the last connection closed.
+    pub total_ms: u64,
+    /// Distinct errors with how many connections hit each (empty when all succeeded).
+    #[serde(default)]
+    pub errors: Vec<(String, u64)>,
+}
+
+impl StormReport {
+    pub fn all_ok(&self) -> bool {
+        self.ok == self.count && self.errors.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

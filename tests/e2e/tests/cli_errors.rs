@@ -498,18 +498,29 @@ fn missing_privileges_are_named() -> Result<()> {
     assert!(!err.contains("CAP_SYS_ADMIN)"), "{err}");
     nothing_changed(a, &cg);
 
-    // The contrast: `serve` loads no eBPF and runs as an ordinary user.
+    // The contrast: `serve` loads no eBPF and runs as an ordinary user, once told not to dial
+    // transparently (that needs CAP_NET_ADMIN, and says so).
     let run_dir = dir.path().join("run");
-    let mut cmd = a.exec("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&agent)
-        .args(["serve", "--secret-file"])
-        .arg(&secret)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .env("NO_COLOR", "1");
+    let serve_as_nobody = |extra: &[&str]| {
+        let mut cmd = a.exec("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&agent)
+            .args(["serve", "--secret-file"])
+            .arg(&secret)
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .args(extra)
+            .env("NO_COLOR", "1");
+        cmd
+    };
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
-    let mut serve = Child::spawn(cmd)?;
+    let out = Child::spawn(serve_as_nobody(&[]))?.wait_with_timeout(secs(10))?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    says(
+        &String::from_utf8_lossy(&out.stderr),
+        &["transparent mode", "--transparent off"],
+    );
+    let mut serve = Child::spawn(serve_as_nobody(&["--transparent", "off"]))?;
     let answered = wait_until(secs(10), || {
         run_agent(
             None,

@@ -50,6 +50,7 @@ fn sigterm_detaches_everything_and_connections_go_direct() -> Result<()> {
         ("rocks_connect6", "cgroup_inet6_connect"),
         ("rocks_getpeername4", "cgroup_inet4_getpeername"),
         ("rocks_getpeername6", "cgroup_inet6_getpeername"),
+        ("rocks_sock_release", "cgroup_inet_sock_release"),
         // The agent runs in another cgroup, so sock_ops goes on the target as well.
         ("rocks_sock_ops", "cgroup_sock_ops"),
     ]

@@ -113,6 +113,13 @@ fn containerized_agent_keeps_a_connection_across_an_address_change() -> Result<(
     )?;
     let secret_dir = secret.path().parent().context("secret dir")?;
 
+    // The node's part of transparent dials (README, "The server sees the real client"): the
+    // container's /proc/sys is read-only, so the node sets these, as
+    // deploy/systemd/90-rocks-transparent.conf does on a host.
+    let mut sysctl = a.exec("sysctl");
+    sysctl.args(["-w", "net.ipv4.tcp_fwmark_accept=1", "net.ipv4.fwmark_reflect=1", "net.ipv6.fwmark_reflect=1"]);
+    run_checked(&mut sysctl)?;
+
     let name = format!("rocks-e2e-{}-{}", std::process::id(), next_id());
     let mut run = podman(&store);
     run.args(["run", "--rm", "--name", &name])
@@ -173,7 +180,14 @@ fn containerized_agent_keeps_a_connection_across_an_address_change() -> Result<(
     types.sort_unstable();
     assert_eq!(
         types,
-        ["cgroup_inet4_connect", "cgroup_inet4_getpeername", "cgroup_inet6_connect", "cgroup_inet6_getpeername", "cgroup_sock_ops"],
+        [
+            "cgroup_inet4_connect",
+            "cgroup_inet4_getpeername",
+            "cgroup_inet6_connect",
+            "cgroup_inet6_getpeername",
+            "cgroup_inet_sock_release",
+            "cgroup_sock_ops"
+        ],
         "programs attached to the test cgroup: {attached:?}"
     );
 

@@ -40,13 +40,15 @@ fn assert_direct(r: &ClientReport, from: &Host, target: SocketAddr) {
     );
 }
 
-/// A transfer that must have been redirected: the program's end is the loopback hop.
-fn assert_redirected(r: &ClientReport, target: SocketAddr) {
+/// A transfer that must have been redirected: the program's end is the loopback hop, and the
+/// server saw another socket, from `from`'s address (b's agent dials transparently).
+fn assert_redirected(r: &ClientReport, from: &Host, target: SocketAddr) {
     assert_eq!(r.peername, target.to_string(), "{r:?}");
     assert!(ip_of(&r.sockname).is_loopback(), "not redirected: {r:?}");
+    assert_ne!(r.server_saw_peer, r.sockname, "{r:?}");
     assert_eq!(
         ip_of(&r.server_saw_peer),
-        target.ip(),
+        own_ip(from, target),
         "not through the peer agent: {r:?}"
     );
 }
@@ -88,10 +90,10 @@ fn only_the_attached_cgroup_is_redirected() -> Result<()> {
     // Control: the same program in the attached cgroup, and in a cgroup below it (programs
     // attached to a cgroup apply to its descendants), is redirected.
     let r = transfer(a, Some(cg.path()), b.sock4(PORT), SIZE, secs(30))?;
-    assert_redirected(&r, b.sock4(PORT));
+    assert_redirected(&r, a, b.sock4(PORT));
     assert_eq!(redirected(&agent_a), 1);
     let r = transfer(a, Some(&child), b.sock6(PORT), SIZE, secs(30))?;
-    assert_redirected(&r, b.sock6(PORT));
+    assert_redirected(&r, a, b.sock6(PORT));
     assert_eq!(redirected(&agent_a), 2);
 
     // Outside again, after redirected connections: still direct.

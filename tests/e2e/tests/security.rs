@@ -234,14 +234,47 @@ fn a_peer_can_only_open_connections_to_the_agents_own_addresses() -> Result<()> 
         };
         let seen = check_testpeer_answer(received, 100_000, 3)?;
         eprintln!("open {dst} through b: opened; the server saw the connection come from {seen}");
+        // b's agent dials transparently: from the address a's session came from.
+        let a_ip = if dst.is_ipv4() {
+            IpAddr::from(a.ip4())
+        } else {
+            IpAddr::from(a.ip6())
+        };
         assert_eq!(
             ip_of(&seen),
-            dst.ip(),
-            "b's agent dials from b's own address"
+            a_ip,
+            "b's agent dials from the client's address"
         );
     }
 
+    // A session that arrived over IPv4 asking for b's IPv6 address: b's agent cannot dial
+    // from the client's address in the other family, and never dials from its own instead
+    // (a service trusting b's addresses must not trust a relayed client): reset, counted.
+    let outcome = raw_session(
+        a,
+        peer_port,
+        b.sock6(PORT),
+        &secret,
+        &testpeer_request(100, 5),
+    )?;
+    assert!(
+        matches!(outcome, Outcome::OpenFailed(OpenError::Unreachable)),
+        "{outcome:?}"
+    );
+
     let s = agent_b.status_json()?;
+    assert_eq!(
+        s["counters"]["transparent_failures"],
+        1,
+        "{}",
+        counters_line(&s)
+    );
+    assert_eq!(
+        log_lines(&agent_b.log(), "transparent dial failed").len(),
+        1,
+        "{}",
+        agent_b.log()
+    );
     assert_eq!(
         s["counters"]["refused_targets"],
         refused.len() as u64,

@@ -298,3 +298,27 @@ fn tampered_msg2_fails_the_client_handshake() {
     assert!(!p.server.has(|e| matches!(e, Event::Established { .. })));
     assert_eq!(p.srv().state(), State::Failed);
 }
+
+#[test]
+fn a_backlogged_transport_gets_no_data_but_stays_alive() {
+    let config = Config::default();
+    let dead_after = config.dead_after;
+    let mut p = Pair::new(config);
+    p.connect();
+    let t = p.c().first_transport();
+    p.c().set_backlogged(t, true);
+    p.client.app_out = pattern(256 << 10, 9);
+    p.client.finish_after_send = true;
+    // Longer than dead_after: pings and acks still flow, so nothing is declared dead, and
+    // the application's bytes wait in the replay buffer.
+    p.run_for(dead_after * 3);
+    assert!(p.server.received.is_empty(), "{} bytes went out on a backlogged transport", p.server.received.len());
+    assert_eq!(p.client.sent, 256 << 10, "the replay buffer took the bytes");
+    assert_eq!(p.c().stats().buffered, 256 << 10);
+    assert!(!p.client.has(|e| matches!(e, Event::TransportClosed { .. } | Event::Suspended)));
+    assert!(!p.server.has(|e| matches!(e, Event::TransportClosed { .. } | Event::Suspended)));
+    // Cleared: everything arrives, once and in order.
+    p.c().set_backlogged(t, false);
+    assert!(p.run_until(Duration::from_secs(5), |p| p.server.has(|e| *e == Event::PeerFinished)));
+    assert!(p.server.received == p.client.app_out, "stream differs after the backlog cleared");
+}

@@ -36,10 +36,12 @@ enum Fault {
     PathChanged,
     /// An app stops reading for a while.
     Stall { server: bool, for_: Duration },
+    /// The client driver's socket is backed up for a while (no data frames for it).
+    Backlog { for_: Duration },
 }
 
 fn random_fault(rng: &mut StdRng) -> Fault {
-    match rng.random_range(0..10) {
+    match rng.random_range(0..11) {
         0 => Fault::Cut { notify_client: rng.random(), notify_server: rng.random() },
         1 => Fault::BlackHole,
         2 => Fault::Outage(Duration::from_millis(rng.random_range(300..8000))),
@@ -49,6 +51,7 @@ fn random_fault(rng: &mut StdRng) -> Fault {
         6 => Fault::AttackerReplay,
         7 => Fault::PathChanged,
         8 => Fault::Stall { server: rng.random(), for_: Duration::from_millis(rng.random_range(100..6000)) },
+        9 => Fault::Backlog { for_: Duration::from_millis(rng.random_range(10..4000)) },
         _ => Fault::Cut { notify_client: true, notify_server: true },
     }
 }
@@ -110,6 +113,13 @@ fn apply(p: &mut Pair, fault: Fault, rng: &mut StdRng, undo: &mut Later) {
         Fault::PathChanged => {
             let now = p.now;
             p.c().path_changed(now);
+        }
+        Fault::Backlog { for_ } => {
+            if let Some(w) = wire {
+                let t = p.wires[w].client_tid;
+                p.c().set_backlogged(t, true);
+                undo.push((p.elapsed() + for_, Box::new(move |p| p.c().set_backlogged(t, false))));
+            }
         }
         Fault::Stall { server, for_ } => {
             if server {

@@ -7,6 +7,7 @@
 //! rocks-testpeer client --connect ADDR:PORT --up SIZE --down SIZE [--seed S] [--bind ADDR]
 //!                       [--pause-after SIZE --pause-ms MS] [--connect-timeout-ms MS]
 //! rocks-testpeer getpeername --connect ADDR:PORT [--bind ADDR] [--hold-ms MS]
+//! rocks-testpeer storm --connect ADDR:PORT --count N --up SIZE --down SIZE [--seed S]
 //! ```
 
 use std::io::{self, Read, Write};
@@ -24,6 +25,10 @@ use rocks_e2e::testpeer::{
     TRAILER_LEN, encode_response_header, hex, parse_size, read_response_header,
 };
 use sha2::{Digest, Sha256};
+
+// In a subdirectory: a file directly in src/bin would become a binary of its own.
+#[path = "testpeer/storm.rs"]
+mod storm;
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +49,9 @@ enum Cmd {
         /// Exit after this many connections have finished (status 1 if any failed).
         #[arg(long)]
         count: Option<u64>,
+        /// The listen() backlog (the kernel caps it at net.core.somaxconn).
+        #[arg(long, default_value_t = 128)]
+        backlog: i32,
     },
     /// Run one transfer and print a JSON report; exit status 1 on any error or mismatch.
     Client(ClientArgs),
@@ -55,6 +63,9 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
     },
+    /// Open `--count` connections at once, then run a small transfer on each; print one JSON
+    /// report; exit status 1 unless every connection succeeded.
+    Storm(storm::StormArgs),
 }
 
 #[derive(Args)]
@@ -93,9 +104,14 @@ struct ClientArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Serve { listen, count } => serve(listen, count),
+        Cmd::Serve {
+            listen,
+            count,
+            backlog,
+        } => serve(listen, count, backlog),
         Cmd::Client(args) => client(&args),
         Cmd::Getpeername { conn, hold_ms } => getpeername(&conn, hold_ms),
+        Cmd::Storm(args) => storm::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -121,8 +137,8 @@ fn addr_text(a: SocketAddr) -> String {
 
 // ---------------------------------------------------------------- server
 
-fn serve(listen: SocketAddr, count: Option<u64>) -> Result<()> {
-    let listener = TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
+fn serve(listen: SocketAddr, count: Option<u64>, backlog: i32) -> Result<()> {
+    let listener = bind_listener(listen, backlog).with_context(|| format!("listen on {listen}"))?;
     eprintln!("rocks-testpeer: listening on {}", listener.local_addr()?);
     let mut handles = Vec::new();
     let mut accepted = 0;
@@ -155,6 +171,16 @@ fn serve(listen: SocketAddr, count: Option<u64>) -> Result<()> {
         .count();
     ensure!(failed == 0, "{failed} of {accepted} connections failed");
     Ok(())
+}
+
+/// Like `TcpListener::bind`, with the backlog chosen (std always asks for 128).
+fn bind_listener(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(backlog)?;
+    Ok(sock.into())
 }
 
 fn serve_conn(stream: TcpStream, peer: SocketAddr) -> ServerRecord {

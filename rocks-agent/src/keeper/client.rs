@@ -1,6 +1,6 @@
 //! The application side: a redirected connection arrives on the loopback listener; find where
 //! it was going, and carry it there through the peer agent, or plainly when there is none.
-use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering::Relaxed};
+use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering::Relaxed, time::Duration};
 
 use tokio::net::TcpStream;
 use tracing::{info, warn};
@@ -13,7 +13,7 @@ use crate::{
     agent::Shared,
     net::{self, ConnectError},
     registry::{EntryGuard, HandshakePhase, Mode, Role},
-    session::{Event, OpenError, Session},
+    session::{Event, HandshakeError, OpenError, Session},
 };
 
 pub async fn handle(shared: Arc<Shared>, app: TcpStream, app_addr: SocketAddr) {
@@ -38,7 +38,7 @@ pub async fn handle(shared: Arc<Shared>, app: TcpStream, app_addr: SocketAddr) {
         Err(e) => {
             drop(opening);
             // Out of descriptors or buffers here says nothing about the peer: no negative entry.
-            let remember = !matches!(&e, ConnectError::Other(e) if out_of_resources(e));
+            let remember = (!matches!(&e, ConnectError::Other(e) if out_of_resources(e))).then_some(shared.negative_ttl);
             let why = match e {
                 ConnectError::Refused => "no agent listens on the peer port".to_owned(),
                 ConnectError::TimedOut(t) => format!("the peer port did not answer within {t:?}"),
@@ -70,7 +70,7 @@ pub async fn handle(shared: Arc<Shared>, app: TcpStream, app_addr: SocketAddr) {
         Err(EstablishError::Open(OpenError::NotAllowed)) => {
             // The host has an agent, but that address is not its own (a VIP, a NAT): go direct
             // this time without marking the host.
-            fall_back(&shared, app, dst, &entry, "the peer agent does not own the destination address", false).await;
+            fall_back(&shared, app, dst, &entry, "the peer agent does not own the destination address", None).await;
         }
         Err(EstablishError::Open(e)) => {
             info!(
@@ -86,7 +86,8 @@ pub async fn handle(shared: Arc<Shared>, app: TcpStream, app_addr: SocketAddr) {
             shared.registry.record_handshake_failure(HandshakePhase::Open, e.failure());
             // Wrong secret, not a rocks peer, version mismatch, silence: all mean this host
             // cannot keep connections for us now; the negative cache expires on its own.
-            fall_back(&shared, app, dst, &entry, &format!("session handshake failed: {e}"), true).await;
+            let ttl = negative_ttl_after(&e, shared.negative_ttl);
+            fall_back(&shared, app, dst, &entry, &format!("session handshake failed: {e}"), Some(ttl)).await;
         }
     }
 }
@@ -138,22 +139,42 @@ fn log_ending(entry: &EntryGuard, ending: &Ending) {
     }
 }
 
+/// How long a host whose session handshake failed is left alone. A handshake that timed out
+/// after the peer port accepted the connection may be an agent too busy to answer in time (a
+/// storm of connects) rather than no agent: it is retried soon, not after the full
+/// `--negative-ttl`. Everything else (wrong secret, not a rocks peer, another version) will not
+/// change by itself.
+fn negative_ttl_after(e: &EstablishError, configured: Duration) -> Duration {
+    match e {
+        EstablishError::Handshake(HandshakeError::Timeout) => configured.min(BUSY_PEER_TTL),
+        _ => configured,
+    }
+}
+
+/// See [`negative_ttl_after`].
+const BUSY_PEER_TTL: Duration = Duration::from_secs(30);
+
 /// Carries the connection as plain TCP. With `remember`, the destination host goes into the
-/// negative cache, so later connects to it are not redirected at all.
-async fn fall_back(shared: &Shared, app: TcpStream, dst: SocketAddr, entry: &EntryGuard, why: &str, remember: bool) {
+/// negative cache for that long, so later connects to it are not redirected at all.
+async fn fall_back(
+    shared: &Shared,
+    app: TcpStream,
+    dst: SocketAddr,
+    entry: &EntryGuard,
+    why: &str,
+    remember: Option<Duration>,
+) {
     entry.set_mode(Mode::Plain);
     shared.registry.counters.plain_fallbacks.fetch_add(1, Relaxed);
-    if remember {
-        if let Some(r) = &shared.redirector {
-            r.add_negative(dst.ip(), shared.negative_ttl);
-        }
+    if let (Some(ttl), Some(r)) = (remember, &shared.redirector) {
+        r.add_negative(dst.ip(), ttl);
     }
     info!(
         id = entry.id,
         app = %entry.peer,
         %dst,
         why,
-        remembered = remember,
+        remembered_secs = remember.map(|t| t.as_secs()),
         "no usable peer agent: carrying this connection as plain TCP"
     );
     match net::connect_marked(dst, shared.dial_timeout).await {
@@ -167,6 +188,23 @@ async fn fall_back(shared: &Shared, app: TcpStream, dst: SocketAddr, entry: &Ent
         Err(e) => {
             warn!(id = entry.id, app = %entry.peer, %dst, error = %e, "destination unreachable; resetting the application connection");
             net::abort(app);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timed_out_handshake_is_retried_soon_a_refusal_is_not() {
+        let ten_minutes = Duration::from_secs(600);
+        let timeout = EstablishError::Handshake(HandshakeError::Timeout);
+        assert_eq!(negative_ttl_after(&timeout, ten_minutes), BUSY_PEER_TTL);
+        // A configured TTL shorter than the busy-peer one is kept as it is.
+        assert_eq!(negative_ttl_after(&timeout, Duration::from_secs(5)), Duration::from_secs(5));
+        for lasting in [HandshakeError::AuthFailed, HandshakeError::NotARocksPeer] {
+            assert_eq!(negative_ttl_after(&EstablishError::Handshake(lasting), ten_minutes), ten_minutes);
         }
     }
 }

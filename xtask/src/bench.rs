@@ -580,7 +580,11 @@ impl Bench {
         cmd.arg("attach")
             .arg("--cgroup")
             .arg(self.lab.cgroup(Group::Kept))
-            .args(["--fast-path", if fast_path { "on" } else { "off" }]);
+            .args(["--fast-path", if fast_path { "on" } else { "off" }])
+            // The agent keeps at most a quarter of its file limit by default (two descriptors
+            // per connection, and headroom); the idle-connection count is already sized to the
+            // file limit, so every one of them is kept, not sent direct.
+            .args(["--max-connections", &(self.plan.idle_connections + 16).to_string()]);
         let pid = self.start_agent("a", cmd)?;
         self.agent_a = Some((pid, fast_path));
         Ok(pid)
@@ -666,3 +670,4 @@ pub fn status(run_dir: &Path) -> Result<Value> {
     serde_json::from_str(&reply)
         .with_context(|| format!("parsing the status from {}", path.display()))
 }
+

@@ -209,13 +209,11 @@ fn storm_beyond_max_connections_goes_direct_and_all_work() -> Result<()> {
     let cg = TestCgroup::new()?;
     let secret = ClusterSecret::new()?;
     let server = storm_server(b)?;
-    // Off: b's transparent dials bind a's address with ports b picks, which can collide with
-    // the 4-tuples of this storm's direct connections from a to the same server port (seen
-    // once in 2,000: "destination refused through the peer agent"). This test is about the
-    // limit.
-    let _agent_b = AgentSpec::serve(secret.path())
-        .args(["--transparent", "off"])
-        .start(b)?;
+    // Transparent dials on (the default): b's relayed connections come from a's address, and
+    // this storm's direct connections from a go to the same server port at the same time. Their
+    // source ports must never collide (when b drew from a's ephemeral range, one connect in
+    // 2,000 here did: "destination refused through the peer agent").
+    let _agent_b = AgentSpec::serve(secret.path()).start(b)?;
     let agent_a = AgentSpec::attach(&[cg.path()], secret.path())
         .args(["--max-connections", &MAX.to_string()])
         .start(a)?;

@@ -513,6 +513,31 @@ fn peak_rss(pid: u32) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// heaptrack's report as committed: the paths of this machine (the lab's temporary directory,
+/// the cargo registry, the checkout) become placeholders, so the report names no machine path.
+fn without_machine_paths(text: &str, lab_dir: &Path) -> String {
+    const REGISTRY: &str = "/.cargo/registry/src/";
+    let mut text = text.replace(&format!("{}/", lab_dir.display()), "<lab>/");
+    text = text.replace(&format!("{}/", crate::bench::workspace_root().display()), "");
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        match line.find(REGISTRY) {
+            Some(at) => {
+                // From the start of the path to the end of the registry's index directory.
+                let start = line[..at].rfind(char::is_whitespace).map_or(0, |i| i + 1);
+                let after = &line[at + REGISTRY.len()..];
+                let end = after.find('/').map_or(after.len(), |i| i + 1);
+                out.push_str(&line[..start]);
+                out.push_str("<cargo registry>/");
+                out.push_str(&after[end..]);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn heap_tables(
     md: &mut String,
     data: &mut serde_json::Map<String, Value>,
@@ -526,7 +551,8 @@ fn heap_tables(
         let text = exec::stdout(Command::new("heaptrack_print").arg("-f").arg(path).args([
             "-p", "1", "-a", "0", "-T", "0", "-l", "0", "-n", "12", "-s", "3",
         ]))?;
-        keep.push((format!("heaptrack-{tag}-agent-{name}.txt"), text.clone()));
+        let lab_dir = path.parent().unwrap_or(Path::new("/"));
+        keep.push((format!("heaptrack-{tag}-agent-{name}.txt"), without_machine_paths(&text, lab_dir)));
         let peaks = heap_peaks(&text);
         let total = text
             .lines()
@@ -939,6 +965,20 @@ mod tests {
             "<alloc::vec::Vec<T> as Clone>::clone"
         );
         assert_eq!(tidy_symbol("memcpy"), "memcpy");
+    }
+
+    #[test]
+    fn committed_heap_reports_name_no_machine_path() {
+        let lab = Path::new("/tmp/rocksbench-42");
+        let root = crate::bench::workspace_root();
+        let text = format!(
+            "  in /tmp/rocksbench-42/rocks-agent-profile\n      at /home/u/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/bytes-1.12.2/src/bytes_mut.rs:626\n      at {}/rocks-agent/src/agent.rs:391\n",
+            root.display()
+        );
+        assert_eq!(
+            without_machine_paths(&text, lab),
+            "  in <lab>/rocks-agent-profile\n      at <cargo registry>/bytes-1.12.2/src/bytes_mut.rs:626\n      at rocks-agent/src/agent.rs:391\n"
+        );
     }
 
     #[test]

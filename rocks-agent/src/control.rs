@@ -190,59 +190,57 @@ async fn answer(stream: UnixStream, source: Arc<dyn StatusSource>) -> io::Result
     write.shutdown().await
 }
 
-/// Asks the agent behind `run_dir` for its status.
-pub async fn query_status(run_dir: &Path) -> Result<StatusReport, ControlError> {
+/// Sends one request line to the agent behind `run_dir` and returns its one-line reply.
+async fn round_trip(run_dir: &Path, request: &str) -> Result<String, ControlError> {
     let path = run_dir.join(SOCKET_NAME);
     let mut stream = UnixStream::connect(&path).await.map_err(|source| ControlError::NotRunning { path: path.clone(), source })?;
-    let bad = |why: String| ControlError::BadAnswer { path: path.clone(), why };
-    stream.write_all(b"status\n").await.map_err(|e| bad(e.to_string()))?;
+    let bad = |e: io::Error| ControlError::BadAnswer { path: path.clone(), why: e.to_string() };
+    stream.write_all(request.as_bytes()).await.map_err(bad)?;
+    stream.write_all(b"\n").await.map_err(bad)?;
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).await.map_err(|e| bad(e.to_string()))?;
-    serde_json::from_str(&reply).map_err(|e| bad(e.to_string()))
+    BufReader::new(stream).read_line(&mut reply).await.map_err(bad)?;
+    Ok(reply)
+}
+
+fn bad_answer(run_dir: &Path, why: String) -> ControlError {
+    ControlError::BadAnswer { path: run_dir.join(SOCKET_NAME), why }
+}
+
+/// Sends a change request; the agent answers `{"<field>": ...}` with what is now in force, or
+/// `{"error": ...}` when it refused the change. `what` names the field's content in errors.
+async fn change<T: serde::de::DeserializeOwned>(
+    run_dir: &Path,
+    request: &Request,
+    field: &str,
+    what: &str,
+) -> Result<T, ControlError> {
+    let request = serde_json::to_string(request).map_err(|e| bad_answer(run_dir, e.to_string()))?;
+    let reply = round_trip(run_dir, &request).await?;
+    let mut answer: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&reply).map_err(|e| bad_answer(run_dir, format!("{e}: {reply:?}")))?;
+    if let Some(why) = answer.get("error").and_then(|e| e.as_str()) {
+        return Err(ControlError::Refused(why.to_owned()));
+    }
+    match answer.remove(field).filter(|v| !v.is_null()) {
+        Some(value) => serde_json::from_value(value).map_err(|e| bad_answer(run_dir, format!("{e}: {reply:?}"))),
+        None => Err(bad_answer(run_dir, format!("neither {what} nor an error: {reply:?}"))),
+    }
+}
+
+/// Asks the agent behind `run_dir` for its status.
+pub async fn query_status(run_dir: &Path) -> Result<StatusReport, ControlError> {
+    let reply = round_trip(run_dir, "status").await?;
+    serde_json::from_str(&reply).map_err(|e| bad_answer(run_dir, e.to_string()))
 }
 
 /// Asks the agent behind `run_dir` to change its policy; returns the policy now in force.
 pub async fn set_policy(run_dir: &Path, change: PolicyChange) -> Result<PolicyReport, ControlError> {
-    let path = run_dir.join(SOCKET_NAME);
-    let mut stream = UnixStream::connect(&path).await.map_err(|source| ControlError::NotRunning { path: path.clone(), source })?;
-    let bad = |why: String| ControlError::BadAnswer { path: path.clone(), why };
-    let mut request = serde_json::to_string(&Request::SetPolicy { change }).map_err(|e| bad(e.to_string()))?;
-    request.push('\n');
-    stream.write_all(request.as_bytes()).await.map_err(|e| bad(e.to_string()))?;
-    let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).await.map_err(|e| bad(e.to_string()))?;
-    #[derive(Deserialize)]
-    struct Reply {
-        policy: Option<PolicyReport>,
-        error: Option<String>,
-    }
-    match serde_json::from_str::<Reply>(&reply).map_err(|e| bad(format!("{e}: {reply:?}")))? {
-        Reply { error: Some(why), .. } => Err(ControlError::Refused(why)),
-        Reply { policy: Some(policy), .. } => Ok(policy),
-        Reply { .. } => Err(bad(format!("neither a policy nor an error: {reply:?}"))),
-    }
+    self::change(run_dir, &Request::SetPolicy { change }, "policy", "a policy").await
 }
 
 /// Asks the agent behind `run_dir` to set its fast-path mode; returns the mode now in force.
 pub async fn set_fast_path(run_dir: &Path, mode: FastPathMode) -> Result<FastPathStatus, ControlError> {
-    let path = run_dir.join(SOCKET_NAME);
-    let mut stream = UnixStream::connect(&path).await.map_err(|source| ControlError::NotRunning { path: path.clone(), source })?;
-    let bad = |why: String| ControlError::BadAnswer { path: path.clone(), why };
-    let mut request = serde_json::to_string(&Request::SetFastPath { mode }).map_err(|e| bad(e.to_string()))?;
-    request.push('\n');
-    stream.write_all(request.as_bytes()).await.map_err(|e| bad(e.to_string()))?;
-    let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).await.map_err(|e| bad(e.to_string()))?;
-    #[derive(Deserialize)]
-    struct Reply {
-        fast_path: Option<FastPathStatus>,
-        error: Option<String>,
-    }
-    match serde_json::from_str::<Reply>(&reply).map_err(|e| bad(format!("{e}: {reply:?}")))? {
-        Reply { error: Some(why), .. } => Err(ControlError::Refused(why)),
-        Reply { fast_path: Some(status), .. } => Ok(status),
-        Reply { .. } => Err(bad(format!("neither a fast path status nor an error: {reply:?}"))),
-    }
+    change(run_dir, &Request::SetFastPath { mode }, "fast_path", "a fast path status").await
 }
 
 /// The `ss`-like table `status` prints without `--json`: a header line, the counters, one row

@@ -11,22 +11,25 @@ use std::{
 use rocks_common::AGENT_SOCKET_MARK;
 use tokio::net::{TcpSocket, TcpStream};
 
-fn set_mark(fd: &impl AsRawFd) -> io::Result<()> {
-    let mark: u32 = AGENT_SOCKET_MARK;
+/// Sets an integer socket option (`SO_MARK`, `IP_TRANSPARENT`, ...).
+pub(crate) fn set_u32_option(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: u32) -> io::Result<()> {
     // SAFETY: valid fd and option pointer/length.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&raw const mark).cast(),
+            level,
+            name,
+            (&raw const value).cast(),
             std::mem::size_of::<u32>() as libc::socklen_t,
         )
     };
-    if rc == 0 {
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+fn set_mark(fd: &impl AsRawFd) -> io::Result<()> {
+    let Err(e) = set_u32_option(fd, libc::SOL_SOCKET, libc::SO_MARK, AGENT_SOCKET_MARK) else {
         return Ok(());
-    }
-    let e = io::Error::last_os_error();
+    };
     // SO_MARK needs CAP_NET_ADMIN. Only an unprivileged `serve` lacks it (`attach` refuses to
     // start without it), and that agent attached no connect hooks that would have to skip
     // this socket: go on unmarked rather than fail every connection it carries.
@@ -52,6 +55,11 @@ pub async fn connect_marked(dst: SocketAddr, timeout: Duration) -> Result<TcpStr
     let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     set_mark(&socket)?;
     socket.set_nodelay(true)?;
+    connect_within(socket, dst, timeout).await
+}
+
+/// Connects a prepared socket to `dst`, giving up after `timeout`.
+pub(crate) async fn connect_within(socket: TcpSocket, dst: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
     match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Err(_) => Err(ConnectError::TimedOut(timeout)),
         Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(ConnectError::Refused),

@@ -3,13 +3,13 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::AsRawFd,
     time::Duration,
 };
 
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::MARK;
+use crate::net::{ConnectError, connect_within, set_u32_option};
 
 /// Why a transparent dial did not produce a connection. `Refused` and `TimedOut` are the
 /// destination's answers; the others mean the dial itself could not be made as asked.
@@ -29,19 +29,6 @@ pub enum DialError {
     NoPort(String),
 }
 
-fn set_int(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: u32) -> io::Result<()> {
-    // SAFETY: valid fd and option pointer/length.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw const value).cast(),
-            std::mem::size_of::<u32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
 
 /// The source ports transparent dials use: below the ephemeral ranges of Linux (32768-60999 by
 /// default) and of Windows and macOS (49152-65535). The client host picks its own connections'
@@ -68,13 +55,14 @@ pub async fn connect(client: IpAddr, dst: SocketAddr, timeout: Duration) -> Resu
         let port = rand::random_range(PORTS);
         let socket = transparent_socket(client, port)?;
         let Some(socket) = socket else { continue };
-        match tokio::time::timeout_at(deadline, socket.connect(dst)).await {
-            Err(_) => return Err(DialError::TimedOut(timeout)),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(DialError::Refused),
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match connect_within(socket, dst, left).await {
+            Err(ConnectError::TimedOut(_)) => return Err(DialError::TimedOut(timeout)),
+            Err(ConnectError::Refused) => return Err(DialError::Refused),
             // The four-tuple exists already (another relayed connection from this port).
-            Ok(Err(e)) if e.kind() == io::ErrorKind::AddrNotAvailable => last = Some(e),
-            Ok(Err(e)) => return Err(DialError::Connect(e)),
-            Ok(Ok(stream)) => return Ok(stream),
+            Err(ConnectError::Other(e)) if e.kind() == io::ErrorKind::AddrNotAvailable => last = Some(e),
+            Err(ConnectError::Other(e)) => return Err(DialError::Connect(e)),
+            Ok(stream) => return Ok(stream),
         }
     }
     Err(DialError::NoPort(last.map_or_else(|| "every port tried was bound".to_owned(), |e| e.to_string())))
@@ -85,11 +73,11 @@ pub async fn connect(client: IpAddr, dst: SocketAddr, timeout: Duration) -> Resu
 fn transparent_socket(client: IpAddr, port: u16) -> Result<Option<TcpSocket>, DialError> {
     let step = |step: &'static str| move |source| DialError::Socket { step, source };
     let socket = if client.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(step("socket"))?;
-    set_int(&socket, libc::SOL_SOCKET, libc::SO_MARK, MARK).map_err(step("SO_MARK"))?;
+    set_u32_option(&socket, libc::SOL_SOCKET, libc::SO_MARK, MARK).map_err(step("SO_MARK"))?;
     if client.is_ipv4() {
-        set_int(&socket, libc::SOL_IP, libc::IP_TRANSPARENT, 1).map_err(step("IP_TRANSPARENT"))?;
+        set_u32_option(&socket, libc::SOL_IP, libc::IP_TRANSPARENT, 1).map_err(step("IP_TRANSPARENT"))?;
     } else {
-        set_int(&socket, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1).map_err(step("IPV6_TRANSPARENT"))?;
+        set_u32_option(&socket, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1).map_err(step("IPV6_TRANSPARENT"))?;
     }
     // Several relayed connections from one client may share a port toward different
     // destinations: connect() still refuses a four-tuple that exists.
